@@ -1,0 +1,1 @@
+"""LlamaGen model zoo, checkpoints, model directories, the reference and the vLLM model."""

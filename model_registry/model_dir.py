@@ -1,0 +1,140 @@
+"""A self-describing LlamaGen model directory, and the one loader that reads it.
+
+    DIR/config.json            vLLM/HF config (architectures: LlamaGenForCausalLM) with a
+                               "llamagen" section: the GPT ModelArgs and the image size
+    DIR/model.safetensors      GPT weights under the official key names
+    DIR/vq/config.json         VQ tokenizer config (original field names + ch, num_res_blocks)
+    DIR/vq/model.safetensors   VQ weights under the official key names
+    DIR/classes.txt            optional `id, name` lines replacing the ImageNet class names
+    DIR/llamagen.json          provenance: source files and their sha256, software version
+
+The VQ weights live in a subdirectory because vLLM loads every top-level *.safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from model_registry.checkpoint import CheckpointError, strict_state_dict
+from model_registry.configs import GPTConfig
+from model_registry.gpt import Transformer, precompute_freqs_cis_2d
+from vq_decoder.vq_model import VQConfig, VQModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VQ_DIR = "vq"
+CLASSES_FILE = "classes.txt"
+METADATA_FILE = "llamagen.json"
+
+
+def parse_class_names(text: str) -> list[str]:
+    """`id, name` lines (ids 0..n-1 in order) -> names."""
+    names = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        idx, sep, name = line.partition(",")
+        if not sep or not idx.strip().isdigit() or int(idx) != len(names) or not name.strip():
+            raise ValueError(f"class names line {lineno}: expected '{len(names)}, <name>'")
+        names.append(name.strip())
+    return names
+
+
+def imagenet_class_names() -> list[str]:
+    text = resources.files("model_registry").joinpath("data/imagenet_classes.txt").read_text()
+    return parse_class_names(text)
+
+
+@dataclass
+class ModelDir:
+    path: Path
+    gpt: GPTConfig
+    image_size: int
+    vq: VQConfig | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name") or self.path.name
+
+    @property
+    def grid_size(self) -> int:
+        return self.gpt.grid_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.gpt.cls_token_num + self.gpt.block_size
+
+    @property
+    def gpt_sha256(self) -> str:
+        return self.metadata.get("gpt", {}).get("sha256", "")
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """The model's own names if it ships them, ImageNet's for 1000 classes, else ids."""
+        own = self.path / CLASSES_FILE
+        if own.is_file():
+            return parse_class_names(own.read_text())
+        if self.gpt.num_classes == 1000:
+            return imagenet_class_names()
+        return [str(i) for i in range(self.gpt.num_classes)]
+
+    def gpt_state_dict(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / WEIGHTS_FILE)
+
+    def vq_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.vq is None:
+            raise CheckpointError(f"model directory {self.path} has no VQ tokenizer")
+        return load_file(self.path / VQ_DIR / WEIGHTS_FILE)
+
+    def load_reference(self, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> Transformer:
+        """The plain-PyTorch GPT with this directory's weights, in eval mode."""
+        with torch.device("meta"):
+            model = Transformer(self.gpt)
+        sd = strict_state_dict(self.gpt_state_dict(), model, f"{self.path / WEIGHTS_FILE}")
+        model.load_state_dict(sd, assign=True)
+        # Built on the meta device to skip random init; the RoPE table is no weight: make it.
+        model.freqs_cis = precompute_freqs_cis_2d(self.gpt.grid_size, self.gpt.head_dim,
+                                                  self.gpt.rope_base, self.gpt.cls_token_num)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def load_vq(self, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> VQModel:
+        assert self.vq is not None
+        with torch.device("meta"):
+            model = VQModel(self.vq)
+        sd = strict_state_dict(self.vq_state_dict(), model, f"{self.path / VQ_DIR}")
+        model.load_state_dict(sd, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model_dir(path: str | Path) -> ModelDir:
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"not a LlamaGen model directory (no {CONFIG_FILE}): {path}")
+    try:
+        config = json.loads(config_file.read_text())
+        section = config["llamagen"]
+        gpt = GPTConfig.from_dict(section["gpt"])
+        image_size = int(section["image_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file} is not a LlamaGen config: {e}") from None
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"model directory {path} has no {WEIGHTS_FILE}")
+    vq = None
+    vq_config = path / VQ_DIR / CONFIG_FILE
+    if vq_config.is_file():
+        vq = VQConfig.from_dict(json.loads(vq_config.read_text()))
+    metadata_file = path / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    return ModelDir(path=path, gpt=gpt, image_size=image_size, vq=vq, metadata=metadata)

@@ -1,0 +1,10 @@
+"""vLLM general plugin: registers the LlamaGen architecture in every vLLM process."""
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    if "LlamaGenForCausalLM" not in ModelRegistry.get_supported_archs():
+        # A lazy "module:Class" string: vLLM imports the model only when it is used.
+        ModelRegistry.register_model("LlamaGenForCausalLM",
+                                     "model_registry.vllm_model:LlamaGenForCausalLM")

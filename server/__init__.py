@@ -1,0 +1,1 @@
+"""CLI, engine wiring and (later) the HTTP layer."""

@@ -1,0 +1,94 @@
+"""Requests to the engine: sampling options, class prompts, per-image seeds, offline batches.
+
+One vLLM request is one image. Its prompt is the condition token, its `extra_args` carry the
+guidance settings for the CFG logits processor, and vLLM's own sampler does temperature, top-k,
+top-p and seeded sampling. Same-seed samples therefore differ from the reference loop's
+`torch.multinomial` (same distribution, other random stream); greedy output is identical.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from model_registry.model_dir import ModelDir
+
+
+class SamplingOptions(BaseModel):
+    """Per-request sampling settings. Defaults are the original demo's (sample_c2i.py)."""
+
+    cfg_scale: float = Field(4.0, ge=0, le=100, description="classifier-free guidance scale; "
+                             "<= 1 disables guidance")
+    cfg_interval: int = Field(-1, ge=-1, description="-1: guide every token; n: guide image "
+                              "tokens 0..n+1 only")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
+    top_k: int = Field(2000, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; "
+                             "random when absent")
+    greedy: bool = Field(False, description="argmax after guidance (ignores temperature, top-k, "
+                         "top-p and seed)")
+
+    @model_validator(mode="after")
+    def _greedy_if_zero_temperature(self) -> SamplingOptions:
+        if self.temperature == 0:
+            self.greedy = True
+        return self
+
+    def image_seeds(self, n: int) -> list[int]:
+        base = self.seed if self.seed is not None else secrets.randbits(62)
+        return [(base + i) % 2**63 for i in range(n)]
+
+
+def class_prompt_ids(model: ModelDir, label: int) -> list[int]:
+    if not 0 <= label < model.gpt.num_classes:
+        raise ValueError(f"class label {label} out of range 0..{model.gpt.num_classes - 1}")
+    return [model.gpt.vocab_size + label]
+
+
+def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None,
+                    **kwargs: Any) -> Any:
+    """vLLM SamplingParams for one image (kwargs: e.g. output_kind for streaming)."""
+    from vllm import SamplingParams
+
+    codebook = model.gpt.vocab_size
+    top_k = options.top_k if 0 < options.top_k < codebook else 0
+    return SamplingParams(
+        n=1,
+        max_tokens=model.gpt.block_size,
+        ignore_eos=True,
+        detokenize=False,
+        temperature=0.0 if options.greedy else options.temperature,
+        top_k=0 if options.greedy else top_k,
+        top_p=1.0 if options.greedy else options.top_p,
+        seed=None if options.greedy else seed,
+        extra_args={"cfg_scale": options.cfg_scale, "cfg_interval": options.cfg_interval},
+        **kwargs,
+    )
+
+
+class OfflineGenerator:
+    """Batch generation with an in-process vLLM engine (the CLI and the benchmarks)."""
+
+    def __init__(self, model: ModelDir, llm: Any):
+        self.model, self.llm = model, llm
+
+    def generate(self, labels: Sequence[int], options: SamplingOptions
+                 ) -> tuple[list[list[int]], list[int]]:
+        """-> (tokens per image in label order, the seed each image used)."""
+        from vllm.inputs import TokensPrompt
+
+        seeds = options.image_seeds(len(labels))
+        prompts = [TokensPrompt(prompt_token_ids=class_prompt_ids(self.model, label))
+                   for label in labels]
+        params = [sampling_params(self.model, options, seed) for seed in seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        for t in tokens:
+            if len(t) != self.model.gpt.block_size:
+                raise RuntimeError(f"engine returned {len(t)} tokens, expected "
+                                   f"{self.model.gpt.block_size}")
+        return tokens, seeds

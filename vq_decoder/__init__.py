@@ -1,0 +1,1 @@
+"""The LlamaGen VQ tokenizer: token grids to pixels, and image encoding."""
