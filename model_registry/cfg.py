@@ -28,9 +28,6 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-CFG_PROCESSOR = "model_registry.cfg:CFGLogitsProcessor"
-
-
 def guidance_args(extra_args: dict[str, Any] | None) -> tuple[float, int]:
     """(cfg_scale, cfg_interval) from extra_args, validated."""
     extra_args = extra_args or {}

@@ -94,6 +94,19 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
 
+# Head sizes the paged-attention backends (CPU and CUDA) all accept. GPT-3B's head_dim 100 is
+# zero-padded to 112 as the upstream port did; padding q, k and v with zeros leaves q·k and the
+# first head_dim output channels unchanged.
+ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def padded_head_size(head_dim: int) -> int:
+    for size in ATTENTION_HEAD_SIZES:
+        if size >= head_dim:
+            return size
+    raise ValueError(f"head_dim {head_dim} exceeds the largest supported size 256")
+
+
 # gpt.py `GPT_models`: the architecture of each size; task fields come from `task_config`.
 GPT_MODELS: dict[str, dict[str, int]] = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),

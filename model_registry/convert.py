@@ -11,9 +11,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model_registry.checkpoint import CheckpointError, read_checkpoint, sha256_file, \
-    strict_state_dict
-from model_registry.configs import ConfigError, GPTConfig, resolve_gpt_config, resolve_vq_config
+from model_registry.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    sha256_file,
+    strict_state_dict,
+)
+from model_registry.configs import (
+    ConfigError,
+    GPTConfig,
+    padded_head_size,
+    resolve_gpt_config,
+    resolve_vq_config,
+)
 from model_registry.gpt import Transformer
 from model_registry.model_dir import (
     CLASSES_FILE,
@@ -25,7 +35,6 @@ from model_registry.model_dir import (
     load_model_dir,
     parse_class_names,
 )
-from model_registry.vllm_model import padded_head_size
 from vq_decoder.vq_model import VQConfig, VQModel
 
 

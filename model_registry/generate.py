@@ -85,7 +85,8 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
             x = torch.cat([tok, tok]) if use_cfg else tok
             logits = model(x, None, input_pos)[:, -1]
             if use_cfg:
-                logits = _guide(logits, cfg_scale, guided=not (cfg_interval > -1 and i > cfg_interval))
+                guided = not (cfg_interval > -1 and i > cfg_interval)
+                logits = _guide(logits, cfg_scale, guided)
             tok = sample(logits, temperature, top_k, top_p, greedy, generator)
             seq[:, i + 1: i + 2] = tok
             input_pos += 1

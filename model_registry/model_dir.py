@@ -13,6 +13,7 @@ The VQ weights live in a subdirectory because vLLM loads every top-level *.safet
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -86,6 +87,35 @@ class ModelDir:
         if self.gpt.num_classes == 1000:
             return imagenet_class_names()
         return [str(i) for i in range(self.gpt.num_classes)]
+
+    def resolve_label(self, text: str | int) -> int:
+        """A class id ("207", 207) or a class name ("golden retriever", any case) -> id.
+
+        Raises ValueError naming the valid range, the ids of an ambiguous name, or the
+        closest names to an unknown one."""
+        n = self.gpt.num_classes
+        if isinstance(text, int) or str(text).strip().isdigit():
+            label = int(text)
+            if not 0 <= label < n:
+                raise ValueError(f"class id {label} out of range 0..{n - 1}")
+            return label
+        key = " ".join(str(text).lower().split())
+        ids = self._ids_by_name.get(key)
+        if ids is None:
+            close = difflib.get_close_matches(key, list(self._ids_by_name), n=5, cutoff=0.6)
+            hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+            raise ValueError(f"unknown class {str(text)!r}{hint}")
+        if len(ids) > 1:
+            raise ValueError(f"class name {str(text)!r} is ambiguous: use one of the ids "
+                             f"{', '.join(map(str, ids))}")
+        return ids[0]
+
+    @cached_property
+    def _ids_by_name(self) -> dict[str, list[int]]:
+        ids: dict[str, list[int]] = {}
+        for i, name in enumerate(self.class_names):
+            ids.setdefault(" ".join(name.lower().split()), []).append(i)
+        return ids
 
     def gpt_state_dict(self) -> dict[str, torch.Tensor]:
         return load_file(self.path / WEIGHTS_FILE)

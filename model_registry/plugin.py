@@ -1,4 +1,9 @@
-"""vLLM general plugin: registers the LlamaGen architecture in every vLLM process."""
+"""vLLM general plugin: registers the LlamaGen architecture in every vLLM process.
+
+Imports vLLM only when vLLM calls it, so the names here are cheap to import."""
+
+# The logits processor every LlamaGen engine must load (see model_registry/cfg.py).
+CFG_PROCESSOR = "model_registry.cfg:CFGLogitsProcessor"
 
 
 def register() -> None:

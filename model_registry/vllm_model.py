@@ -16,6 +16,7 @@ rows are zero (cos = sin = 0), exactly as the original.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,21 +40,9 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from model_registry.cfg import CFG_PROCESSOR
-from model_registry.configs import GPTConfig
+from model_registry.configs import GPTConfig, padded_head_size
 from model_registry.gpt import precompute_freqs_cis_2d
-
-# Head sizes the paged-attention backends (CPU and CUDA) all accept. GPT-3B's head_dim 100 is
-# zero-padded to 112 as the upstream port did; padding q, k and v with zeros leaves q·k and the
-# first head_dim output channels unchanged.
-ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-
-
-def padded_head_size(head_dim: int) -> int:
-    for size in ATTENTION_HEAD_SIZES:
-        if size >= head_dim:
-            return size
-    raise ValueError(f"head_dim {head_dim} exceeds the largest supported size 256")
+from model_registry.plugin import CFG_PROCESSOR
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -141,7 +130,7 @@ class LlamaGenBlock(nn.Module):
 
 class LlamaGenForCausalLM(nn.Module):
     # checkpoint name -> (parameter name, shard id), as llama.py's stacked_params_mapping.
-    stacked_params_mapping = [
+    stacked_params_mapping: ClassVar[list[tuple[str, str, int]]] = [
         (".feed_forward.w13", ".feed_forward.w1", 0),
         (".feed_forward.w13", ".feed_forward.w3", 1),
     ]

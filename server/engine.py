@@ -15,9 +15,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from model_registry.cfg import CFG_PROCESSOR
+from model_registry.configs import padded_head_size
 from model_registry.model_dir import ModelDir
-from model_registry.vllm_model import padded_head_size
+from model_registry.plugin import CFG_PROCESSOR
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,12 +71,17 @@ def kv_bytes_per_token(model: ModelDir, dtype: str) -> int:
         * TORCH_DTYPES[dtype].itemsize
 
 
+CPU_KV_BLOCK_TOKENS = 128  # the CPU attention backend's page size
+
+
 def cpu_kv_cache_bytes(model: ModelDir, settings: EngineSettings, dtype: str) -> int:
     if settings.kv_cache_gib is not None:
         return int(settings.kv_cache_gib * 2**30)
-    # Every running image holds at most max_model_len tokens; +25% for block rounding.
-    need = settings.max_num_seqs * model.max_model_len * kv_bytes_per_token(model, dtype)
-    return max(int(need * 1.25), 64 * 2**20)
+    # Room for max_num_seqs whole images: vLLM pages in blocks, so an image holds its length
+    # rounded up to whole blocks; one spare block per image for the scheduler's look-ahead.
+    blocks = -(-model.max_model_len // CPU_KV_BLOCK_TOKENS) + 1
+    need = settings.max_num_seqs * blocks * CPU_KV_BLOCK_TOKENS * kv_bytes_per_token(model, dtype)
+    return need
 
 
 def cpu_threads(settings: EngineSettings) -> int:
@@ -125,9 +130,10 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
     return kwargs
 
 
-def build_llm(model: ModelDir, settings: EngineSettings) -> Any:
-    """An offline, in-process `vllm.LLM` for the model directory."""
+def build_llm(model: ModelDir, settings: EngineSettings, **overrides: Any) -> Any:
+    """An offline, in-process `vllm.LLM` for the model directory (overrides: more vLLM
+    engine arguments)."""
     prepare_environment(settings, in_process=True)
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model, settings))
+    return LLM(**{**engine_kwargs(model, settings), **overrides})

@@ -24,7 +24,7 @@ class SamplingOptions(BaseModel):
                              "<= 1 disables guidance")
     cfg_interval: int = Field(-1, ge=-1, description="-1: guide every token; n: guide image "
                               "tokens 0..n+1 only")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy")
     top_k: int = Field(2000, ge=0, description="0 disables top-k")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; "

@@ -70,7 +70,7 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def Normalize(in_channels: int) -> nn.GroupNorm:  # noqa: N802 (the original's name)
+def Normalize(in_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks (`llamagen bench ...`): scripts that measure, never tests that assert timings."""

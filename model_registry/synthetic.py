@@ -1,0 +1,80 @@
+"""Random-weight LlamaGen checkpoints in the official file layouts, for tests and benchmarks.
+
+No machine here can download real weights, so everything that loads checkpoints is exercised
+on files made like the official ones: `{"model": sd, "steps", "args"}` (DDP), the bare FSDP
+dict, with or without a stale `freqs_cis`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from model_registry.configs import GPTConfig
+from model_registry.gpt import Transformer, precompute_freqs_cis_2d
+from vq_decoder.vq_model import VQConfig, VQModel
+
+Layout = Literal["ddp", "fsdp"]
+
+# Scales that give attention some structure (N(0, 0.02) makes it near-uniform, hiding position
+# bugs) and greedy margins well above fp32 noise; the head is re-randomised because the
+# original zero-initialises it.
+STDS = {"qkv": 0.13, "other": 0.06, "emb": 0.07, "out": 0.12, "norm": 0.15}
+
+
+def random_gpt_state_dict(config: GPTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):  # shapes only
+        model = Transformer(config)
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            value = 1 + STDS["norm"] * torch.randn(t.shape, generator=g)
+        elif name == "cls_embedding.uncond_embedding":
+            value = torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5
+        else:
+            kind = ("qkv" if "wqkv" in name else "out" if name == "output.weight"
+                    else "emb" if "embedding" in name else "other")
+            value = STDS[kind] * torch.randn(t.shape, generator=g)
+        sd[name] = value
+    return sd
+
+
+def save_gpt_checkpoint(config: GPTConfig, path: str | Path, *, layout: Layout = "ddp",
+                        stale_freqs_cis: bool = False, seed: int = 0,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    sd = dict(state_dict if state_dict is not None else random_gpt_state_dict(config, seed))
+    if stale_freqs_cis:
+        sd["freqs_cis"] = precompute_freqs_cis_2d(config.grid_size, config.head_dim,
+                                                  config.rope_base, config.cls_token_num)
+    ckpt: dict = sd if layout == "fsdp" else {
+        "model": sd, "steps": 0, "args": argparse.Namespace(gpt_model="random")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def random_vq_state_dict(config: VQConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = VQModel(config)
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    for name, t in sd.items():
+        if ".norm" in name and name.endswith("weight"):
+            t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+        elif ".norm" in name and name.endswith("bias"):
+            t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    return sd
+
+
+def save_vq_checkpoint(config: VQConfig, path: str | Path, seed: int = 0,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    sd = state_dict if state_dict is not None else random_vq_state_dict(config, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd}, path)
+    return path

@@ -1,0 +1,232 @@
+"""`llamagen`: the one command-line entry point. Subcommands call into the packages.
+
+User errors (bad flags, unknown models, missing files, mismatched checkpoints) end with one
+line on stderr and exit status 2, before any engine starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from model_registry.checkpoint import CheckpointError
+from model_registry.configs import ConfigError
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+# ---- flags generated from pydantic models (one definition for flags, env vars and docs) ----
+
+def _field_type(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
+                    exclude: Sequence[str] = ()) -> None:
+    """One `--flag` per field of `model`, defaulting to None so that unset flags keep the
+    model's own defaults."""
+    group = parser.add_argument_group(model.__name__)
+    for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = _field_type(field.annotation)
+        help_text = f"{field.description or ''} (default: {field.default})".strip()
+        if kind is bool:
+            group.add_argument(flag, dest=name, action="store_true", default=None,
+                               help=help_text)
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def model_from_flags(model: type[BaseModel], args: argparse.Namespace) -> Any:
+    values = {k: getattr(args, k) for k in model.model_fields
+              if getattr(args, k, None) is not None}
+    return model(**values)
+
+
+def _one_line(e: ValidationError) -> str:
+    return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                     for err in e.errors())
+
+
+# ---- subcommands ----
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from model_registry.configs import GPT_MODELS, RELEASES, resolve_gpt_config
+    from vq_decoder.vq_model import VQ_MODELS
+
+    print("GPT models (c2i parameter counts at 256 px):")
+    for name in GPT_MODELS:
+        cfg = resolve_gpt_config(name, image_size=256)
+        print(f"  {name:9s} layers {cfg.n_layer:2d}  heads {cfg.n_head:2d}  dim {cfg.dim:4d}  "
+              f"head_dim {cfg.head_dim:3d}  ffn {cfg.ffn_hidden:5d}  "
+              f"params {_gpt_params(cfg):>13,}")
+    print("VQ tokenizers:")
+    for name, vq in VQ_MODELS.items():
+        print(f"  {name:9s} codebook {vq.codebook_size} x {vq.codebook_embed_dim}  "
+              f"downsample {vq.downsample}  ch_mult {list(vq.decoder_ch_mult)}")
+    print("Released checkpoints (llamagen convert --gpt-checkpoint FILE ...):")
+    for key, r in RELEASES.items():
+        print(f"  {r.filename:22s} {r.gpt_model:8s} {r.model_type} {r.image_size} px  "
+              f"VQ {r.vq_filename}  hub {r.repo_id}" + ("  (FSDP)" if r.from_fsdp else ""))
+        del key
+
+
+def _gpt_params(cfg: Any) -> int:
+    import torch
+
+    from model_registry.gpt import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _checkpoint_path(spec: str, vq: bool = False) -> Path:
+    """A local file, or a released file name fetched through the hub cache."""
+    from model_registry.checkpoint import hub_download
+    from model_registry.configs import RELEASES, VQ_RELEASES
+
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name
+    if vq and name in VQ_RELEASES:
+        return hub_download(VQ_RELEASES[name][1], name)
+    release = RELEASES.get(name.removesuffix(".pt"))
+    if not vq and release is not None:
+        return hub_download(release.repo_id, release.filename)
+    raise CheckpointError(f"checkpoint not found: {spec}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from model_registry.convert import convert
+
+    gpt_ckpt = _checkpoint_path(args.gpt_checkpoint)
+    vq_ckpt = _checkpoint_path(args.vq_checkpoint, vq=True) if args.vq_checkpoint else None
+    model = convert(gpt_ckpt, args.gpt_model, args.out, image_size=args.image_size,
+                    vq_checkpoint=vq_ckpt, vq_model=args.vq_model,
+                    class_names=args.class_names, name=args.name, overwrite=args.overwrite)
+    print(f"wrote {model.path}: {model.gpt.model_type} {model.image_size}px, "
+          f"{model.grid_size}x{model.grid_size} tokens, "
+          f"{'with' if model.vq else 'without'} VQ decoder")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from model_registry.model_dir import load_model_dir
+    from server.engine import EngineSettings, build_llm
+    from server.generation import OfflineGenerator, SamplingOptions
+
+    try:
+        options = model_from_flags(SamplingOptions, args)
+        settings = model_from_flags(EngineSettings, args)
+    except ValidationError as e:
+        raise UsageError(_one_line(e)) from None
+    model = load_model_dir(resolve_model_path(args.model))
+    labels = [model.resolve_label(text) for text in args.labels]
+    if args.out_dir and model.vq is None:
+        raise UsageError(f"{model.path} has no VQ decoder: use --tokens-out only")
+    llm = build_llm(model, settings)
+    tokens, seeds = OfflineGenerator(model, llm).generate(labels, options)
+    if args.tokens_out:
+        Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.tokens_out).write_text(json.dumps(tokens))
+    print(json.dumps({"labels": labels, "seeds": None if options.greedy else seeds,
+                      "tokens_out": args.tokens_out}))
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    raise UsageError("--model DIR is required (no default model is installed)")
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> None:
+    from bench.offline import run_offline_benchmark
+
+    run_offline_benchmark(sizes=args.sizes, batch_sizes=args.batch_sizes, dtype=args.dtype,
+                          json_out=Path(args.json_out), markdown_out=Path(args.markdown_out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from server.engine import EngineSettings
+    from server.generation import SamplingOptions
+
+    parser = argparse.ArgumentParser(prog="llamagen", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model zoo and released checkpoints")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="official checkpoints -> a model directory")
+    p.add_argument("--gpt-checkpoint", required=True,
+                   help="GPT .pt file (DDP {'model': ...} or bare FSDP), or a released file "
+                        "name fetched from the hub cache")
+    p.add_argument("--gpt-model", required=True,
+                   help="zoo name (GPT-B, ...), a JSON file or inline JSON with ModelArgs "
+                        "fields")
+    p.add_argument("--image-size", type=int, help="image size in pixels (needed for a zoo "
+                   "name; checked against a JSON config)")
+    p.add_argument("--vq-checkpoint", help="VQ tokenizer .pt file or released file name")
+    p.add_argument("--vq-model", help="VQ-16, VQ-8, a JSON file or inline JSON "
+                   "(default: VQ-16)")
+    p.add_argument("--class-names", help="`id, name` lines replacing the ImageNet names")
+    p.add_argument("--name", help="served model name (default: the directory name)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate images offline with the vLLM engine")
+    p.add_argument("--model", help="model directory")
+    p.add_argument("--labels", nargs="+", required=True,
+                   help="class ids or names, one image each")
+    p.add_argument("--tokens-out", help="write the token ids (one list per image) as JSON")
+    p.add_argument("--out-dir", help="write one image per label")
+    add_model_flags(p, SamplingOptions)
+    add_model_flags(p, EngineSettings, exclude=("seed",))
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("offline", help="vLLM engine vs the reference loop, images/s")
+    b.add_argument("--sizes", nargs="+", default=["tiny", "GPT-B"])
+    b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--json-out", default="docs/bench_offline.json")
+    b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")
+    b.set_defaults(func=cmd_bench_offline)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValidationError as e:
+        print(f"llamagen: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (UsageError, ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"llamagen: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

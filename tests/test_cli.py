@@ -1,0 +1,85 @@
+"""`llamagen` as a user runs it: bad input fails fast with one clear line; generate works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import tiny_config
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("llamagen: error:")]
+    assert len(lines) == 1, result.stderr
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_models_lists_the_zoo():
+    result = run_cli("models")
+    assert result.returncode == 0, result.stderr
+    for name in ("GPT-B", "GPT-3B", "VQ-16", "VQ-8", "c2i_XXL_384.pt", "t2i_XL_stage2_512.pt"):
+        assert name in result.stdout
+    assert "110,888,448" in result.stdout
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["convert", "--gpt-checkpoint", "/nonexistent/c2i.pt", "--gpt-model", "GPT-B",
+      "--image-size", "256", "--out", "/tmp/x"], "checkpoint not found"),
+    (["convert", "--gpt-checkpoint", "{ckpt}", "--gpt-model", "GPT-Q", "--image-size", "256",
+      "--out", "{tmp}/o"], "unknown GPT model 'GPT-Q'"),
+    (["convert", "--gpt-checkpoint", "{ckpt}", "--gpt-model", "GPT-B", "--image-size", "256",
+      "--out", "{tmp}/o"], "does not match its config"),
+    (["generate", "--model", "{model}", "--labels", "99", "--greedy"], "out of range 0..9"),
+    (["generate", "--model", "{model}", "--labels", "1", "--cfg-scale", "-1"], "--cfg-scale"),
+    (["generate", "--model", "{model}", "--labels", "zebra"], "unknown class 'zebra'"),
+    (["generate", "--model", "{tmp}/missing", "--labels", "1"], "not a LlamaGen model"),
+    (["generate", "--model", "{model}", "--labels", "1", "--dtype", "int8"], None),
+])
+def test_bad_input_exits_with_one_clear_line(tmp_path, tiny_model, args, pattern):
+    from model_registry.synthetic import save_gpt_checkpoint
+
+    ckpt = save_gpt_checkpoint(tiny_config(16), tmp_path / "gpt.pt")
+    args = [a.format(ckpt=ckpt, tmp=tmp_path, model=tiny_model.path) for a in args]
+    result = run_cli(*args)
+    if pattern is None:  # argparse's own usage error
+        assert result.returncode == 2 and "invalid choice" in result.stderr
+    else:
+        assert_one_line_error(result, pattern)
+
+
+def test_convert_then_generate_tokens_match_reference(tmp_path, tiny_model):
+    """The documented path end to end: official files -> convert -> generate --tokens-out."""
+    import torch
+
+    from model_registry.generate import generate
+    from model_registry.synthetic import save_gpt_checkpoint
+
+    cfg = tiny_config(16)
+    ckpt = save_gpt_checkpoint(cfg, tmp_path / "c2i.pt", layout="fsdp", stale_freqs_cis=True,
+                               seed=1)
+    (tmp_path / "gpt.json").write_text(json.dumps(cfg.to_dict()))
+    result = run_cli("convert", "--gpt-checkpoint", str(ckpt), "--gpt-model",
+                     str(tmp_path / "gpt.json"), "--image-size", "256", "--out",
+                     str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    tokens_out = tmp_path / "tokens.json"
+    result = run_cli("generate", "--model", str(tmp_path / "model"), "--labels", "2", "7",
+                     "--cfg-scale", "3.0", "--greedy", "--dtype", "float32",
+                     "--tokens-out", str(tokens_out))
+    assert result.returncode == 0, result.stderr
+    tokens = json.loads(tokens_out.read_text())
+    ref = tiny_model.load_reference()  # same weights: seed 1, same config
+    expected = generate(ref, torch.tensor([2, 7]), cfg_scale=3.0, greedy=True).tolist()
+    assert tokens == expected

@@ -1,0 +1,150 @@
+"""The vLLM engine: golden tokens, token-exact parity with the reference under continuous
+batching and preemption, seeded sampling, and the CFG processor's guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_registry.cfg import guidance_args
+from model_registry.generate import generate
+from model_registry.plugin import CFG_PROCESSOR
+from server.generation import OfflineGenerator, SamplingOptions
+
+
+def reference_tokens(model_dir, labels, options: SamplingOptions) -> list[list[int]]:
+    ref = model_dir.load_reference()
+    return generate(ref, torch.tensor(labels), cfg_scale=options.cfg_scale,
+                    cfg_interval=options.cfg_interval, greedy=True).tolist()
+
+
+@pytest.fixture(scope="module")
+def golden_engine(golden_model, engine_factory):
+    return OfflineGenerator(golden_model, engine_factory(golden_model, max_num_seqs=4))
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model, engine_factory):
+    # max_num_seqs below the request count: requests queue, join and leave the batch.
+    return OfflineGenerator(tiny_model, engine_factory(tiny_model, max_num_seqs=3))
+
+
+def test_engine_golden_greedy_tokens(golden_engine, golden_expected):
+    for setting in golden_expected["settings"]:
+        options = SamplingOptions(cfg_scale=setting["cfg_scale"],
+                                  cfg_interval=setting["cfg_interval"], greedy=True)
+        tokens, _ = golden_engine.generate(golden_expected["labels"], options)
+        assert tokens == setting["tokens"], setting
+
+
+@pytest.mark.parametrize("cfg_scale,cfg_interval", [(1.0, -1), (1.5, -1), (4.0, -1),
+                                                    (3.0, 0), (3.0, 40)])
+def test_parity_with_reference_16x16(tiny_engine, tiny_model, cfg_scale, cfg_interval):
+    labels = [0, 3, 9]
+    options = SamplingOptions(cfg_scale=cfg_scale, cfg_interval=cfg_interval, greedy=True)
+    tokens, _ = tiny_engine.generate(labels, options)
+    assert tokens == reference_tokens(tiny_model, labels, options)
+
+
+def test_parity_with_reference_24x24(tiny_model_24, engine_factory):
+    engine = OfflineGenerator(tiny_model_24, engine_factory(tiny_model_24, max_num_seqs=4))
+    labels = [2, 7]
+    for options in (SamplingOptions(cfg_scale=2.0, greedy=True),
+                    SamplingOptions(cfg_scale=1.0, greedy=True)):
+        tokens, _ = engine.generate(labels, options)
+        assert all(len(t) == 576 for t in tokens)
+        assert tokens == reference_tokens(tiny_model_24, labels, options)
+
+
+def test_parity_mixed_requests_under_continuous_batching(tiny_engine, tiny_model):
+    """Ten requests with different guidance in one submission, three running at a time."""
+    from vllm.inputs import TokensPrompt
+
+    from server.generation import class_prompt_ids, sampling_params
+
+    cases = [(label, SamplingOptions(cfg_scale=s, cfg_interval=i, greedy=True))
+             for label, s, i in [(0, 4.0, -1), (1, 1.0, -1), (2, 2.5, 10), (3, 7.0, -1),
+                                 (4, 1.5, 0), (5, 4.0, 100), (6, 0.0, -1), (7, 3.0, -1),
+                                 (8, 5.0, 3), (9, 1.25, -1)]]
+    prompts = [TokensPrompt(prompt_token_ids=class_prompt_ids(tiny_model, label))
+               for label, _ in cases]
+    params = [sampling_params(tiny_model, opts, None) for _, opts in cases]
+    outputs = tiny_engine.llm.generate(prompts, params, use_tqdm=False)
+    for (label, opts), out in zip(cases, outputs, strict=True):
+        assert list(out.outputs[0].token_ids) == reference_tokens(tiny_model, [label], opts)[0]
+
+
+def test_parity_under_preemption(tiny_model, engine_factory):
+    """A KV cache for two whole images, six running: the scheduler preempts and recomputes."""
+    from vllm.v1.metrics.reader import Counter
+
+    from server.engine import EngineSettings, cpu_kv_cache_bytes
+
+    kv_gib = cpu_kv_cache_bytes(tiny_model, EngineSettings(max_num_seqs=2), "float32") / 2**30
+    llm = engine_factory(tiny_model, max_num_seqs=6, kv_cache_gib=kv_gib,
+                         disable_log_stats=False, enable_prefix_caching=False)
+    engine = OfflineGenerator(tiny_model, llm)
+    labels = [0, 1, 2, 3, 4, 5]
+    options = SamplingOptions(cfg_scale=3.0, greedy=True)
+    tokens, _ = engine.generate(labels, options)
+    assert tokens == reference_tokens(tiny_model, labels, options)
+    preemptions = sum(m.value for m in llm.get_metrics()
+                      if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
+    assert preemptions > 0
+
+
+def test_seeded_sampling_is_reproducible(tiny_engine, tiny_model):
+    options = SamplingOptions(cfg_scale=4.0, top_k=100, top_p=0.95, temperature=1.0, seed=1234)
+    a, seeds_a = tiny_engine.generate([1, 1, 2], options)
+    b, seeds_b = tiny_engine.generate([1, 1, 2], options)
+    assert a == b and seeds_a == seeds_b == [1234, 1235, 1236]
+    assert a[0] != a[1]  # same label, next seed: another image
+    c, _ = tiny_engine.generate([3, 3, 2], options)
+    assert c[0] != a[0]  # another label, same seed: another image
+    ids = torch.tensor(a + c)
+    assert ids.min() >= 0 and ids.max() < tiny_model.gpt.vocab_size
+
+
+def test_unseeded_sampling_reports_its_seeds(tiny_engine):
+    options = SamplingOptions(cfg_scale=2.0, top_k=50)
+    tokens, seeds = tiny_engine.generate([4, 4], options)
+    assert len(set(seeds)) == 2
+    again, _ = tiny_engine.generate([4, 4], options.model_copy(update={"seed": seeds[0]}))
+    assert again == tokens
+
+
+def test_ids_stay_in_codebook_at_high_temperature(tiny_engine, tiny_model):
+    tokens, _ = tiny_engine.generate(list(range(6)),
+                                     SamplingOptions(cfg_scale=8.0, temperature=2.0, top_k=0,
+                                                     seed=0))
+    ids = torch.tensor(tokens)
+    assert ids.max() < tiny_model.gpt.vocab_size
+    assert len(ids.unique()) > 50  # really sampled over the codebook
+
+
+def test_engine_refuses_to_start_without_the_cfg_processor(tiny_model, engine_factory):
+    with pytest.raises(Exception, match="CFGLogitsProcessor"):
+        engine_factory(tiny_model, logits_processors=[])
+
+
+def test_guidance_args_validation():
+    assert guidance_args(None) == (1.0, -1)
+    assert guidance_args({"cfg_scale": 4, "cfg_interval": 10}) == (4.0, 10)
+    for bad in ({"cfg_scale": -1}, {"cfg_scale": float("nan")}, {"cfg_scale": "4"},
+                {"cfg_interval": -2}, {"cfg_interval": 1.5}):
+        with pytest.raises(ValueError):
+            guidance_args(bad)
+
+
+def test_engine_rejects_invalid_guidance(tiny_engine, tiny_model):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+
+    from server.generation import sampling_params
+
+    params = sampling_params(tiny_model, SamplingOptions(greedy=True), None)
+    params.extra_args = {"cfg_scale": -2.0}
+    with pytest.raises(VLLMValidationError, match="cfg_scale"):
+        tiny_engine.llm.generate([TokensPrompt(prompt_token_ids=[256])], [params],
+                                 use_tqdm=False)
+    assert CFG_PROCESSOR.endswith("CFGLogitsProcessor")
