@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from model_registry.checkpoint import CheckpointError, strict_state_dict
 from model_registry.configs import GPTConfig
 from model_registry.gpt import Transformer, precompute_freqs_cis_2d
+from vq_decoder.decoder import VQDecoder
 from vq_decoder.vq_model import VQConfig, VQModel
 
 CONFIG_FILE = "config.json"
@@ -121,8 +122,6 @@ class ModelDir:
         return load_file(self.path / WEIGHTS_FILE)
 
     def vq_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.vq is None:
-            raise CheckpointError(f"model directory {self.path} has no VQ tokenizer")
         return load_file(self.path / VQ_DIR / WEIGHTS_FILE)
 
     def load_reference(self, dtype: torch.dtype = torch.float32,
@@ -139,12 +138,24 @@ class ModelDir:
 
     def load_vq(self, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> VQModel:
+        """The whole tokenizer (encoder too), in eval mode."""
         assert self.vq is not None
         with torch.device("meta"):
             model = VQModel(self.vq)
-        sd = strict_state_dict(self.vq_state_dict(), model, f"{self.path / VQ_DIR}")
-        model.load_state_dict(sd, assign=True)
+        model.load_state_dict(self._checked_vq_state_dict(), assign=True)
         return model.to(device=device, dtype=dtype).eval()
+
+    def vq_decoder(self, **kwargs: Any) -> VQDecoder:
+        """The serving decoder (kwargs: device, dtype, compile, channels_last)."""
+        assert self.vq is not None
+        return VQDecoder(self.vq, self._checked_vq_state_dict(), **kwargs)
+
+    def _checked_vq_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.vq is None:
+            raise CheckpointError(f"model directory {self.path} has no VQ tokenizer")
+        with torch.device("meta"):
+            shapes = VQModel(self.vq)
+        return strict_state_dict(self.vq_state_dict(), shapes, f"{self.path / VQ_DIR}")
 
 
 def load_model_dir(path: str | Path) -> ModelDir:

@@ -132,7 +132,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from model_registry.model_dir import load_model_dir
     from server.engine import EngineSettings, build_llm
-    from server.generation import OfflineGenerator, SamplingOptions
+    from server.generation import OfflineGenerator, SamplingOptions, save_images
 
     try:
         options = model_from_flags(SamplingOptions, args)
@@ -141,6 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(_one_line(e)) from None
     model = load_model_dir(resolve_model_path(args.model))
     labels = [model.resolve_label(text) for text in args.labels]
+    if not args.tokens_out and not args.out_dir:
+        raise UsageError("nothing to write: give --tokens-out FILE and/or --out-dir DIR")
     if args.out_dir and model.vq is None:
         raise UsageError(f"{model.path} has no VQ decoder: use --tokens-out only")
     llm = build_llm(model, settings)
@@ -148,8 +150,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.tokens_out:
         Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.tokens_out).write_text(json.dumps(tokens))
+    images = []
+    if args.out_dir:
+        images = save_images(model, tokens, labels, seeds, options, Path(args.out_dir),
+                             fmt=args.format, compression=args.compression)
     print(json.dumps({"labels": labels, "seeds": None if options.greedy else seeds,
-                      "tokens_out": args.tokens_out}))
+                      "tokens_out": args.tokens_out, "images": [str(p) for p in images]}))
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -198,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", required=True,
                    help="class ids or names, one image each")
     p.add_argument("--tokens-out", help="write the token ids (one list per image) as JSON")
-    p.add_argument("--out-dir", help="write one image per label")
+    p.add_argument("--out-dir", help="write one image per label: {index:04d}_{label}.png")
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"],
+                   help="image format for --out-dir (default: png)")
+    p.add_argument("--compression", type=int, choices=range(101), metavar="0..100",
+                   help="0..100: JPEG/WebP quality is 100 - compression; PNG zlib level")
     add_model_flags(p, SamplingOptions)
     add_model_flags(p, EngineSettings, exclude=("seed",))
     p.set_defaults(func=cmd_generate)

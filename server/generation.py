@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
@@ -92,3 +93,43 @@ class OfflineGenerator:
                 raise RuntimeError(f"engine returned {len(t)} tokens, expected "
                                    f"{self.model.gpt.block_size}")
         return tokens, seeds
+
+
+def image_provenance(model: ModelDir, options: SamplingOptions, seed: int | None,
+                     label: int) -> dict[str, Any]:
+    from model_registry.convert import software_version
+    from vq_decoder.encoding import provenance
+
+    sampling = options.model_dump(exclude={"seed"})
+    return provenance(model=model.name, checkpoint_sha256=model.gpt_sha256,
+                      seed=None if options.greedy else seed, sampling=sampling,
+                      software=f"llamagen-serve {software_version()}", label=label,
+                      class_name=model.class_names[label])
+
+
+def save_images(model: ModelDir, tokens: Sequence[Sequence[int]], labels: Sequence[int],
+                seeds: Sequence[int], options: SamplingOptions, out_dir: Path, *,
+                fmt: str = "png", compression: int | None = None, batch_size: int = 32
+                ) -> list[Path]:
+    """Decode token grids and write exactly one file per image: `{index:04d}_{label}.{ext}`,
+    each carrying its provenance."""
+    import torch
+
+    from vq_decoder.encoding import encode_image
+
+    decoder = model.vq_decoder()
+    grid = model.grid_size
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ext = "jpg" if fmt == "jpeg" else fmt
+    paths = []
+    for start in range(0, len(tokens), batch_size):
+        codes = torch.tensor(tokens[start: start + batch_size]).view(-1, grid, grid)
+        for offset, pixels in enumerate(decoder.decode_uint8(codes).numpy()):
+            i = start + offset
+            data = encode_image(pixels, fmt,  # type: ignore[arg-type]
+                                metadata=image_provenance(model, options, seeds[i], labels[i]),
+                                compression=compression)
+            path = out_dir / f"{i:04d}_{labels[i]}.{ext}"
+            path.write_bytes(data)
+            paths.append(path)
+    return paths
