@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from model_registry.checkpoint import CheckpointError
 from model_registry.configs import ConfigError
+from model_registry.model_dir import load_model_dir
 
 
 class UsageError(ValueError):
@@ -32,6 +33,10 @@ def _field_type(annotation: Any) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0]
     return annotation
+
+
+def _parse_secret(text: str) -> SecretStr:
+    return SecretStr(text)
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
@@ -51,6 +56,12 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         elif typing.get_origin(kind) is typing.Literal:
             group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None,
                                help=help_text)
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, dest=name, nargs="+", type=typing.get_args(kind)[0],
+                               default=None, help=help_text)
+        elif kind is SecretStr:
+            group.add_argument(flag, dest=name, type=_parse_secret, default=None,
+                               help=f"{field.description or ''} (default: none)")
         else:
             group.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
 
@@ -130,7 +141,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from model_registry.model_dir import load_model_dir
     from server.engine import EngineSettings, build_llm
     from server.generation import OfflineGenerator, SamplingOptions, save_images
 
@@ -164,6 +174,38 @@ def resolve_model_path(model: str | None) -> Path:
     raise UsageError("--model DIR is required (no default model is installed)")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from server.app import configure_logging, create_app
+    from server.settings import ServerSettings
+
+    try:
+        settings = model_from_flags(ServerSettings, args)
+    except ValidationError as e:
+        raise UsageError(_one_line(e)) from None
+    if not settings.model:
+        settings.model = [resolve_model_path(None)]
+    for path in settings.model:  # fail before any engine starts
+        load_model_dir(path)
+    configure_logging(settings.log_level)
+    run_server(create_app(settings), settings)
+
+
+def run_server(app: Any, settings: Any) -> None:
+    """uvicorn, with SIGTERM/SIGINT marking the app as draining (new work gets 503, /ready
+    fails) while in-flight requests get up to drain_timeout_s to finish."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.llamagen.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    DrainingServer(config).run()
+
+
 def cmd_bench_offline(args: argparse.Namespace) -> None:
     from bench.offline import run_offline_benchmark
 
@@ -172,8 +214,10 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench import decoder as bench_decoder
     from server.engine import EngineSettings
     from server.generation import SamplingOptions
+    from server.settings import ServerSettings
 
     parser = argparse.ArgumentParser(prog="llamagen", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, EngineSettings, exclude=("seed",))
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("serve", help="run the HTTP server")
+    add_model_flags(p, ServerSettings)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("offline", help="vLLM engine vs the reference loop, images/s")
@@ -222,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json-out", default="docs/bench_offline.json")
     b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")
     b.set_defaults(func=cmd_bench_offline)
+    b = bench.add_parser("decoder", help="VQ decode images/s against batch size")
+    bench_decoder.add_arguments(b)
+    b.set_defaults(func=bench_decoder.main)
     return parser
 
 

@@ -110,6 +110,7 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
     dtype = resolve_dtype(settings.dtype)
     kwargs: dict[str, Any] = dict(
         model=str(model.path),
+        served_model_name=model.name,  # the `model_name` label of vLLM's metrics
         skip_tokenizer_init=True,
         tokenizer=None,
         dtype=dtype,

@@ -1,0 +1,84 @@
+"""Application state and the dependencies routers inject: state, API key, model service."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Depends, Request
+
+from server.image_store import ImageStore
+from server.service import ModelService, ServiceError
+from server.settings import ServerSettings
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    services: dict[str, ModelService] = field(default_factory=dict)
+    images: ImageStore | None = None
+    ready: bool = False
+    draining: bool = False
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.llamagen
+
+
+def require_api_key(request: Request, state: AppState = Depends(get_state)) -> None:
+    key = state.settings.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+            given.strip().encode(), key.get_secret_value().encode()):
+        raise ServiceError(401, "missing or invalid API key: send `Authorization: Bearer KEY`",
+                           code="invalid_api_key")
+
+
+def accepting(state: AppState = Depends(get_state)) -> AppState:
+    """Refuse new generation work until ready and while draining."""
+    if state.draining:
+        raise ServiceError(503, "server is shutting down", type="server_error",
+                           code="draining", headers={"Retry-After": "5"})
+    if not state.ready:
+        raise ServiceError(503, "models are loading", type="server_error", code="not_ready",
+                           headers={"Retry-After": "5"})
+    return state
+
+
+def resolve_service(state: AppState, model: str | None) -> ModelService:
+    if model is None:
+        return next(iter(state.services.values()))
+    service = state.services.get(model)
+    if service is None:
+        raise ServiceError(404, f"model {model!r} not found; available: "
+                           f"{', '.join(state.services)}", param="model",
+                           code="model_not_found")
+    return service
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (its vLLM requests are then
+    aborted), since a plain HTTP handler is not cancelled on disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ServiceError(499, "client disconnected", code="client_closed_request")
+    return task.result()

@@ -1,0 +1,181 @@
+"""Request and response models of the HTTP APIs.
+
+The OpenAI-compatible shapes follow the openai-python SDK types (ImageGenerateParams,
+ImagesResponse, ImageGenStreamEvent, Model); extension fields are optional and documented.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.generation import SamplingOptions
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class SamplingExtensions(BaseModel):
+    """Extension fields shared by both APIs (all optional; defaults are the original demo's)."""
+
+    cfg_scale: float | None = Field(None, ge=0, le=100, description="guidance scale; <= 1 off")
+    cfg_interval: int | None = Field(None, ge=-1, description="-1: guide every token; n: "
+                                     "guide image tokens 0..n+1")
+    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy")
+    top_k: int | None = Field(None, ge=0, description="0 disables top-k")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i")
+
+    def sampling_options(self) -> SamplingOptions:
+        fields = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "seed")
+        return SamplingOptions(**{k: getattr(self, k) for k in fields
+                                  if getattr(self, k) is not None})
+
+
+class ImageGenerationRequest(SamplingExtensions):
+    """POST /v1/images/generations. For class-conditional models `prompt` is a class id
+    ("207") or name ("golden retriever")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str = "auto"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3)
+    # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class ImageTokensDetails(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    input_tokens_details: ImageTokensDetails
+    output_tokens: int
+    total_tokens: int
+    output_tokens_details: ImageTokensDetails | None = None
+
+
+class Image(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    # Extensions: what regenerates this exact image.
+    seed: int | None = None
+    class_label: int | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[Image]
+    output_format: OutputFormat
+    size: str
+    quality: Literal["high"] = "high"
+    background: Literal["opaque"] = "opaque"
+    usage: Usage
+
+
+class PartialImageEvent(BaseModel):
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str
+    partial_image_index: int
+    created_at: int
+    size: str
+    quality: Literal["high"] = "high"
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    image_index: int = Field(0, description="extension: which of the n images")
+
+
+class CompletedEvent(BaseModel):
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["high"] = "high"
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    usage: Usage
+    image_index: int = Field(0, description="extension: which of the n images")
+    seed: int | None = None
+    class_label: int | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llamagen-serve"
+    # Extensions.
+    image_size: int
+    num_classes: int
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class NativeGenerateRequest(SamplingExtensions):
+    """POST /v1/generate: a batch of class-conditional images, one per label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[int | str] = Field(min_length=1, description="class ids or names")
+    model: str | None = None
+    greedy: bool = False
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    return_tokens: bool = False
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3)
+
+
+class NativeImage(BaseModel):
+    index: int
+    class_label: int
+    class_name: str
+    seed: int | None
+    b64_json: str
+    tokens: list[int] | None = None
+    seconds: float
+
+
+class NativeGenerateResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    size: str
+    output_format: OutputFormat
+    images: list[NativeImage]

@@ -1,0 +1,1 @@
+"""One router per API surface: OpenAI images, the native API, operations."""

@@ -1,0 +1,76 @@
+"""What both generation APIs share: request checks, image encoding, usage, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from server.generation import SamplingOptions, image_provenance
+from server.protocol import ImageTokensDetails, SamplingExtensions, Usage
+from server.service import ModelService, ServiceError
+from server.settings import ServerSettings
+from vq_decoder.encoding import encode_image
+
+
+def check_count(n: int, settings: ServerSettings, param: str) -> None:
+    if n > settings.max_images_per_request:
+        raise ServiceError(400, f"{param}: at most {settings.max_images_per_request} images "
+                           "per request", param=param, code="too_many_images")
+
+
+def sampling_options(body: SamplingExtensions, **extra: Any) -> SamplingOptions:
+    try:
+        options = body.sampling_options()
+        return options.model_copy(update=extra) if extra else options
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = str(err["loc"][0]) if err["loc"] else None
+        raise ServiceError(400, f"{param}: {err['msg']}", param=param) from None
+
+
+def resolve_label(service: ModelService, text: str | int, param: str) -> int:
+    try:
+        return service.model.resolve_label(text)
+    except ValueError as e:
+        raise ServiceError(400, str(e), param=param, code="unknown_class") from None
+
+
+async def b64_image(service: ModelService, pixels: Any, options: SamplingOptions,
+                    seed: int | None, label: int, fmt: str, compression: int | None) -> str:
+    data = await encoded_image(service, pixels, options, seed, label, fmt, compression)
+    return base64.b64encode(data).decode()
+
+
+async def encoded_image(service: ModelService, pixels: Any, options: SamplingOptions,
+                        seed: int | None, label: int, fmt: str, compression: int | None
+                        ) -> bytes:
+    metadata = image_provenance(service.model, options, seed, label)
+    # Off the event loop: PNG compression of a large image takes milliseconds.
+    return await asyncio.to_thread(encode_image, pixels, fmt, metadata=metadata,  # type: ignore[arg-type]
+                                   compression=compression)
+
+
+def usage(service: ModelService, images: int) -> Usage:
+    g = service.model.gpt
+    inputs, outputs = images * g.cls_token_num, images * g.block_size
+    return Usage(input_tokens=inputs, input_tokens_details=ImageTokensDetails(),
+                 output_tokens=outputs, total_tokens=inputs + outputs,
+                 output_tokens_details=ImageTokensDetails(image_tokens=outputs))
+
+
+def sse(event: BaseModel | dict[str, Any], name: str | None = None) -> dict[str, str]:
+    data = event.model_dump(exclude_none=True) if isinstance(event, BaseModel) else event
+    return {"event": name or data["type"], "data": json.dumps(data)}
+
+
+def sse_error(e: Exception) -> dict[str, str]:
+    if isinstance(e, ServiceError):
+        info = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
+    else:
+        info = {"message": "image generation failed", "type": "server_error", "param": None,
+                "code": None}
+    return {"event": "error", "data": json.dumps({"error": info})}

