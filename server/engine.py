@@ -94,7 +94,10 @@ def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
     in_process: run the engine core in this process (offline use and tests: starts in
     seconds); the server needs the multiprocess engine that AsyncLLM requires.
     """
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    else:  # AsyncLLM cannot run without it
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     if not has_cuda():
         threads = cpu_threads(settings)
         # The CPU build reserves a core for its scheduler; on small machines that halves speed.

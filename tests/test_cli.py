@@ -83,3 +83,35 @@ def test_convert_then_generate_tokens_match_reference(tmp_path, tiny_model):
     ref = tiny_model.load_reference()  # same weights: seed 1, same config
     expected = generate(ref, torch.tensor([2, 7]), cfg_scale=3.0, greedy=True).tolist()
     assert tokens == expected
+
+
+def test_server_settings_from_env_and_flags(monkeypatch):
+    from server.cli import build_parser, model_from_flags
+    from server.settings import ServerSettings
+
+    monkeypatch.setenv("LLAMAGEN_MAX_QUEUED_IMAGES", "40")
+    monkeypatch.setenv("LLAMAGEN_API_KEY", "from-env")
+    monkeypatch.setenv("LLAMAGEN_MODEL", '["/models/a", "/models/b"]')
+    args = build_parser().parse_args(["serve", "--port", "9001", "--max-queued-images", "20"])
+    settings = model_from_flags(ServerSettings, args)
+    assert settings.port == 9001 and settings.max_queued_images == 20  # flag beats env
+    assert settings.api_key.get_secret_value() == "from-env"
+    assert [str(p) for p in settings.model] == ["/models/a", "/models/b"]
+    args = build_parser().parse_args(["serve", "--model", "x", "y", "--api-key", "s3cr3t"])
+    settings = model_from_flags(ServerSettings, args)
+    assert [str(p) for p in settings.model] == ["x", "y"] and "s3cr3t" not in repr(settings)
+
+
+def test_serve_help_documents_every_setting():
+    from server.settings import ServerSettings
+
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    for name in ServerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in result.stdout, name
+
+
+def test_serve_bad_model_fails_fast(tmp_path):
+    assert_one_line_error(run_cli("serve", "--model", str(tmp_path)), "not a LlamaGen model")
+    assert_one_line_error(run_cli("serve", "--model", str(tmp_path), "--max-queued-images",
+                                  "2"), "max_queued_images")

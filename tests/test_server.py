@@ -1,0 +1,356 @@
+"""The HTTP server, as users reach it: the official `openai` client, httpx, a real uvicorn
+process on a tiny converted model. One server for the module; the drain test stops it last."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from vq_decoder.encoding import DIGITAL_SOURCE_TYPE, read_metadata
+
+from .conftest import TINY_VQ, tiny_config
+from .server_harness import API_KEY, ServerProcess, metric
+from .test_vq_decoder import assert_pixels_close
+
+NAMES = ["red circle", "blue square", "green triangle", "yellow star", "crane", "crane",
+         "purple heart", "orange ring", "black cross", "white moon"]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    from model_registry.convert import convert
+    from model_registry.synthetic import save_gpt_checkpoint, save_vq_checkpoint
+
+    root = tmp_path_factory.mktemp("served")
+    cfg = tiny_config(16)
+    (root / "classes.txt").write_text("".join(f"{i}, {n}\n" for i, n in enumerate(NAMES)))
+    return convert(save_gpt_checkpoint(cfg, root / "gpt.pt", seed=1),
+                   json.dumps(cfg.to_dict()), root / "shapes",
+                   vq_checkpoint=save_vq_checkpoint(TINY_VQ, root / "vq.pt", seed=1),
+                   vq_model=json.dumps(TINY_VQ.to_dict()), class_names=root / "classes.txt")
+
+
+@pytest.fixture(scope="module")
+def server(served_model, tmp_path_factory):
+    proc = ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
+                         "--max-num-seqs", "8", "--max-queued-images", "12",
+                         "--max-body-bytes", "4096", "--drain-timeout-s", "60")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def decode_b64(b64: str) -> tuple[Image.Image, bytes]:
+    data = base64.b64decode(b64)
+    return Image.open(io.BytesIO(data)), data
+
+
+def test_openai_client_b64_images_with_provenance(client, served_model):
+    result = client.images.generate(model="shapes", prompt="yellow star", n=2, size="256x256",
+                                    extra_body={"seed": 42, "cfg_scale": 3.0, "top_k": 100})
+    assert len(result.data) == 2 and result.size == "256x256"
+    assert result.usage.output_tokens == 2 * 256
+    seeds = [img.model_extra["seed"] for img in result.data]
+    assert seeds == [42, 43]
+    for img in result.data:
+        image, data = decode_b64(img.b64_json)
+        assert image.size == (256, 256) and image.format == "PNG"
+        meta = read_metadata(data)
+        assert meta["class_label"] == 3 and meta["class_name"] == "yellow star"
+        assert meta["checkpoint_sha256"] == served_model.gpt_sha256
+        assert meta["sampling"]["cfg_scale"] == 3.0 and meta["seed"] in (42, 43)
+        assert meta["xmp_digital_source_type"] == DIGITAL_SOURCE_TYPE
+    # The reported seed regenerates the image: the same tokens; the pixels up to float noise
+    # when the grid is decoded in another micro-batch (at most 1 level, in 0.1% of values).
+    again = client.images.generate(model="shapes", prompt="3", n=1,
+                                   extra_body={"seed": 43, "cfg_scale": 3.0, "top_k": 100})
+    assert_pixels_close(np.asarray(decode_b64(result.data[1].b64_json)[0]),
+                        np.asarray(decode_b64(again.data[0].b64_json)[0]))
+
+
+def test_openai_client_url_images(client, server):
+    result = client.images.generate(prompt="2", response_format="url", output_format="webp",
+                                    extra_body={"seed": 1})
+    url = result.data[0].url
+    assert url.startswith(f"{server.url}/v1/images/files/") and url.endswith(".webp")
+    response = httpx.get(url, headers=AUTH)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(response.content)).size == (256, 256)
+    assert httpx.get(url).status_code == 401
+    missing = httpx.get(f"{server.url}/v1/images/files/{'0' * 32}.png", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "image_not_found"
+
+
+def test_openai_client_streaming_previews(client):
+    stream = client.images.generate(prompt="green triangle", n=2, stream=True,
+                                    partial_images=3, output_format="jpeg",
+                                    extra_body={"seed": 5})
+    events = list(stream)
+    for index in (0, 1):
+        mine = [e for e in events if e.model_extra.get("image_index") == index]
+        assert [e.type for e in mine] == ["image_generation.partial_image"] * 3 + [
+            "image_generation.completed"]
+        assert [e.partial_image_index for e in mine[:3]] == [0, 1, 2]
+        for e in mine:
+            image, _ = decode_b64(e.b64_json)
+            assert image.size == (256, 256) and image.format == "JPEG"
+        assert mine[-1].usage.output_tokens == 256
+        assert mine[-1].model_extra["seed"] == 5 + index
+
+
+def test_openai_stream_without_partials(client):
+    events = list(client.images.generate(prompt="1", stream=True, partial_images=0))
+    assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_models_endpoint(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["shapes"]
+    assert models.data[0].object == "model" and models.data[0].owned_by
+
+
+def test_native_same_seed_same_tokens(server):
+    body = {"labels": [2, 2], "seed": 77, "top_k": 50, "return_tokens": True}
+    runs = [httpx.post(f"{server.url}/v1/generate", json=b, headers=AUTH, timeout=120).json()
+            for b in (body, {**body, "labels": [2]})]
+    assert [img["seed"] for img in runs[0]["images"]] == [77, 78]
+    assert runs[1]["images"][0]["tokens"] == runs[0]["images"][0]["tokens"]
+    assert runs[0]["images"][0]["tokens"] != runs[0]["images"][1]["tokens"]
+
+
+def test_native_api_labels_tokens_and_names(server, served_model):
+    body = {"labels": [0, "Blue Square", "9"], "greedy": True, "cfg_scale": 2.0,
+            "return_tokens": True}
+    response = httpx.post(f"{server.url}/v1/generate", json=body, headers=AUTH, timeout=120)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert [img["class_label"] for img in out["images"]] == [0, 1, 9]
+    assert out["images"][1]["class_name"] == "blue square"
+    import torch
+
+    from model_registry.generate import generate
+
+    ref = served_model.load_reference()
+    expected = generate(ref, torch.tensor([0, 1, 9]), cfg_scale=2.0, greedy=True).tolist()
+    assert [img["tokens"] for img in out["images"]] == expected
+    decoder = served_model.vq_decoder(device="cpu", dtype=torch.float32)
+    pixels = decoder.decode_uint8(torch.tensor(expected).view(3, 16, 16)).numpy()
+    for img, want in zip(out["images"], pixels, strict=True):
+        # Decoded in the server's micro-batch: equal up to float noise.
+        assert_pixels_close(np.asarray(decode_b64(img["b64_json"])[0]), want)
+
+
+def test_native_stream_previews_are_decodes_of_the_rows_so_far(server, served_model):
+    import torch
+
+    body = {"labels": [4], "stream": True, "partial_images": 2, "seed": 9,
+            "return_tokens": True}
+    with httpx.stream("POST", f"{server.url}/v1/generate", json=body, headers=AUTH,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[5:]) for line in response.iter_lines()
+                  if line.startswith("data:")]
+    assert [e["type"] for e in events] == ["partial_image", "partial_image", "image", "done"]
+    tokens = torch.tensor(events[2]["tokens"]).view(1, 16, 16)
+    decoder = served_model.vq_decoder(device="cpu", dtype=torch.float32)
+    for event, rows in zip(events[:2], (5, 10), strict=True):  # 1/3 and 2/3 of 16 rows
+        preview = np.asarray(decode_b64(event["b64_json"])[0])
+        top = decoder.decode_uint8(tokens[:, :rows]).numpy()[0]
+        assert_pixels_close(preview[: rows * 16], top)
+        assert (preview[rows * 16:] == 128).all()  # not generated yet: grey
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in error["message"]
+    return error
+
+
+@pytest.mark.parametrize("kwargs,status,param", [
+    ({"content": b'{"prompt": "1", "n": '}, 400, None),                      # malformed JSON
+    ({"json": {"prompt": "1", "n": "two"}}, 400, "n"),                         # wrong type
+    ({"json": {"prompt": 7}}, 400, "prompt"),
+    ({"json": {"prompt": "1", "n": 0}}, 400, "n"),
+    ({"json": {"prompt": "1", "n": 11}}, 400, "n"),
+    ({"json": {"prompt": "1", "size": "512x512"}}, 400, "size"),
+    ({"json": {"prompt": "1", "model": "dall-e-3"}}, 404, "model"),
+    ({"json": {"prompt": "zebra"}}, 400, "prompt"),
+    ({"json": {"prompt": "crane"}}, 400, "prompt"),                            # ambiguous
+    ({"json": {"prompt": "1", "cfg_scale": -1}}, 400, "cfg_scale"),
+    ({"json": {"prompt": "  "}}, 400, "prompt"),
+    ({"json": {"prompt": "1", "colour": "red"}}, 400, "colour"),
+    ({"json": {"prompt": "1", "partial_images": 4}}, 400, "partial_images"),
+    ({"json": {"prompt": "1", "response_format": "gif"}}, 400, "response_format"),
+    ({"json": {"prompt": "x" * 5000}}, 413, None),                            # > 4096 bytes
+])
+def test_bad_inputs_get_the_openai_envelope(server, kwargs, status, param):
+    response = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, timeout=30,
+                          **kwargs)
+    error = error_of(response, status)
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_bad_input_messages_are_helpful(server):
+    unknown = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                         json={"prompt": "red circel"}).json()["error"]
+    assert "red circle" in unknown["message"]  # suggests the closest name
+    ambiguous = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                           json={"prompt": "Crane"}).json()["error"]
+    assert "4" in ambiguous["message"] and "5" in ambiguous["message"]
+    size = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                      json={"prompt": "1", "size": "1024x1024"}).json()["error"]
+    assert "256x256" in size["message"]
+    native = httpx.post(f"{server.url}/v1/generate", headers=AUTH, json={"labels": [3, 99]})
+    assert error_of(native, 400)["param"] == "labels.1"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": API_KEY}])
+def test_api_key_required_on_v1(server, headers):
+    for method, path in [("POST", "/v1/images/generations"), ("GET", "/v1/models"),
+                         ("POST", "/v1/generate")]:
+        response = httpx.request(method, f"{server.url}{path}", json={"prompt": "1"},
+                                 headers=headers)
+        assert error_of(response, 401)["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_openai_client_errors_map_to_sdk_exceptions(server):
+    bad_key = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.images.generate(prompt="1")
+    good = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        good.images.generate(prompt="1", n=11)
+    assert e.value.param == "n" or e.value.body["param"] == "n"
+    with pytest.raises(openai.NotFoundError):
+        good.images.generate(prompt="1", model="gpt-image-1")
+
+
+def test_request_id_echoed_or_generated(server):
+    given = httpx.get(f"{server.url}/v1/models", headers={**AUTH, "X-Request-Id": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = httpx.get(f"{server.url}/v1/models", headers=AUTH)
+    assert len(made.headers["x-request-id"]) == 32
+    bogus = httpx.get(f"{server.url}/v1/models", headers={**AUTH, "X-Request-Id": "a b\tc"})
+    assert bogus.headers["x-request-id"] != "a b\tc"
+
+
+def test_operational_endpoints(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json()["models"] == ["shapes"]
+    version = httpx.get(f"{server.url}/version").json()
+    assert version["models"]["shapes"]["gpt_sha256"]
+
+
+def _open_stream(server, n: int):
+    """Start a streaming generation and return once its first preview arrived."""
+    client = httpx.Client(timeout=120)
+    body = {"labels": [0] * n, "stream": True, "partial_images": 3, "seed": 1}
+    response = client.send(client.build_request("POST", f"{server.url}/v1/generate",
+                                                json=body, headers=AUTH), stream=True)
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("data:"):
+            break
+    return client, response, lines
+
+
+def test_queue_overflow_gets_429_with_retry_after(server):
+    before = metric(server.metrics(), "llamagen_admission_rejections_total")
+    client, response, lines = _open_stream(server, 10)  # 10 of 12 slots taken
+    try:
+        refused = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                             json={"prompt": "1", "n": 3})
+        error = error_of(refused, 429)
+        assert error["type"] == "rate_limit_error" and int(refused.headers["retry-after"]) >= 1
+        ok = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                        json={"prompt": "1", "n": 2}, timeout=120)  # still fits
+        assert ok.status_code == 200
+    finally:
+        for _ in lines:
+            pass
+        response.close()
+        client.close()
+    assert metric(server.metrics(), "llamagen_admission_rejections_total") == before + 1
+
+
+def test_dropped_client_is_aborted_in_vllm(server):
+    before = metric(server.metrics(), "llamagen_requests_aborted_total")
+    client, response, _ = _open_stream(server, 6)
+    response.close()  # the client goes away mid-generation
+    client.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        samples = server.metrics()
+        if (metric(samples, "llamagen_requests_aborted_total") >= before + 6
+                and metric(samples, "vllm:num_requests_running") == 0
+                and metric(samples, "llamagen_queue_depth") == 0):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"not aborted: {samples}")
+    assert metric(samples, "vllm:kv_cache_usage_perc") == 0  # KV blocks freed
+
+
+def test_metrics_expose_ours_and_vllms(server):
+    samples = server.metrics()
+    names = {key.partition("{")[0] for key in samples}
+    for name in ["llamagen_images_generated_total", "llamagen_request_latency_seconds_bucket",
+                 "llamagen_image_latency_seconds_bucket",
+                 "llamagen_time_to_first_preview_seconds_bucket",
+                 "llamagen_decoder_batch_size_bucket", "llamagen_decoder_seconds_bucket",
+                 "llamagen_queue_depth", "llamagen_images_per_second",
+                 "llamagen_admission_rejections_total", "llamagen_requests_aborted_total",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total"]:
+        assert name in names, name
+    assert metric(samples, "llamagen_images_generated_total", model="shapes") > 0
+    assert metric(samples, "vllm:num_requests_running", model_name="shapes") == 0
+
+
+def test_sigterm_drains_in_flight_work(server):
+    """Last: stops the module's server. In-flight work finishes; new work is refused."""
+    result: dict = {}
+
+    def long_request() -> None:
+        result["response"] = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120,
+                                        json={"labels": [1] * 8, "seed": 3})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while metric(server.metrics(), "llamagen_queue_depth") < 8:
+        assert time.monotonic() < deadline, "request never started"
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(120)
+    assert result["response"].status_code == 200
+    assert len(result["response"].json()["images"]) == 8
+    # uvicorn re-raises the signal once shut down cleanly, so the exit status is SIGTERM's.
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log.read_text()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/ready", timeout=2)
