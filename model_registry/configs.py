@@ -174,7 +174,7 @@ VQ_RELEASES: dict[str, tuple[str, str]] = {
 }
 
 
-def _load_json_or_name(spec: str | Path, kind: str, names: list[str]) -> dict[str, Any] | None:
+def _load_json_or_name(spec: str | Path, kind: str) -> dict[str, Any] | None:
     """A JSON file path or inline JSON object; None when `spec` should be a zoo name."""
     text = str(spec)
     if text.lstrip().startswith("{"):
@@ -200,7 +200,7 @@ def resolve_gpt_config(spec: str | Path, image_size: int | None = None,
     A zoo name needs `image_size` to fix the token grid; a JSON config carries its own
     `block_size` (an `image_size` given as well must agree with it).
     """
-    d = _load_json_or_name(spec, "GPT", list(GPT_MODELS))
+    d = _load_json_or_name(spec, "GPT")
     if d is None:
         if str(spec) not in GPT_MODELS:
             raise ConfigError(
@@ -209,12 +209,11 @@ def resolve_gpt_config(spec: str | Path, image_size: int | None = None,
         if image_size is None:
             raise ConfigError(f"{spec} needs an image size")
         d = {**GPT_MODELS[str(spec)], **task_config(model_type, image_size)}
-    cfg = GPTConfig.from_dict({**d, **overrides})
-    return cfg
+    return GPTConfig.from_dict({**d, **overrides})
 
 
 def resolve_vq_config(spec: str | Path) -> VQConfig:
-    d = _load_json_or_name(spec, "VQ", list(VQ_MODELS))
+    d = _load_json_or_name(spec, "VQ")
     if d is None:
         if str(spec) not in VQ_MODELS:
             raise ConfigError(

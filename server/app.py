@@ -26,7 +26,7 @@ from model_registry.model_dir import load_model_dir
 from server.deps import AppState
 from server.image_store import ImageStore
 from server.protocol import ErrorInfo, ErrorResponse
-from server.routers import native, openai_images, ops
+from server.routers import native, openai_images, ops, playground
 from server.service import ModelService, ServiceError
 from server.settings import ServerSettings
 
@@ -165,7 +165,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 model = load_model_dir(path)
                 if model.name in state.services:
                     raise ValueError(f"two models are named {model.name!r}")
-                service = ModelService(model, settings)
+                service = ModelService(model, settings, models_served=len(settings.model))
                 state.services[model.name] = service
                 await service.start()
                 log.info(f"serving {model.name} from {path}")
@@ -185,5 +185,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(openai_images.router)
     app.include_router(native.router)
     app.include_router(ops.router)
+    app.include_router(playground.router)
+    app.mount("/static", playground.static_files(), name="static")
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     return app

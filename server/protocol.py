@@ -162,6 +162,11 @@ class NativeGenerateRequest(SamplingExtensions):
     partial_images: int = Field(0, ge=0, le=3)
 
 
+class ClassList(BaseModel):
+    model: str
+    classes: list[str]
+
+
 class NativeImage(BaseModel):
     index: int
     class_label: int

@@ -82,8 +82,9 @@ def preview_rows(grid: int, partial_images: int) -> list[int]:
 
 
 class ModelService:
-    def __init__(self, model: ModelDir, settings: ServerSettings):
+    def __init__(self, model: ModelDir, settings: ServerSettings, models_served: int = 1):
         self.model, self.settings = model, settings
+        self.models_served = models_served
         self.name = model.name
         self.engine: Any = None
         self.decoder: DecoderService | None = None
@@ -102,8 +103,10 @@ class ModelService:
         if self.model.vq is None:
             raise ValueError(f"{self.model.path} has no VQ decoder: it cannot serve images")
         prepare_environment(self.settings, in_process=False)
-        args = AsyncEngineArgs(**engine_kwargs(self.model, self.settings),
-                               disable_log_stats=False)
+        # Engines on one GPU split its memory (on CPU each sizes its own KV cache).
+        share = self.settings.model_copy(update={
+            "gpu_memory_utilization": self.settings.gpu_memory_utilization / self.models_served})
+        args = AsyncEngineArgs(**engine_kwargs(self.model, share), disable_log_stats=False)
         self.engine = AsyncLLM.from_engine_args(args)
         decoder = self.model.vq_decoder(compile=self.settings.decoder_compile)
         threads = self.settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)

@@ -3,6 +3,7 @@ process on a tiny converted model. One server for the module; the drain test sto
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -329,6 +330,55 @@ def test_metrics_expose_ours_and_vllms(server):
         assert name in names, name
     assert metric(samples, "llamagen_images_generated_total", model="shapes") > 0
     assert metric(samples, "vllm:num_requests_running", model_name="shapes") == 0
+
+
+def test_deploy_metric_names_are_exported(server):
+    """The autoscaler, the adapter rules and the dashboard use metrics the server exports."""
+    from .test_deploy import deploy_metric_names
+
+    text = httpx.get(f"{server.url}/metrics").text
+    exported = {line.split()[2] for line in text.splitlines()
+                if line.startswith("# TYPE ")}
+    missing = {name for name in deploy_metric_names()
+               if name not in exported and name.removesuffix("_total") not in exported}
+    assert not missing, missing
+
+
+def test_load_benchmark_closed_and_open_loop(server, tmp_path):
+    """`llamagen bench serve` against this server: every request counted, agreeing with the
+    server's own counter; a wrong key shows up as errors; JSON and plots written."""
+    import argparse
+
+    from bench.serve import LoadSpec, add_arguments, main, run_load
+
+    spec = LoadSpec(url=server.url, api_key=API_KEY, prompts=["0", "red circle"])
+    closed = asyncio.run(run_load(spec, mode="closed", concurrency=3, requests=7,
+                                  progress=False))
+    assert closed["requests"] == 7 and closed["ok"] == 7 and closed["images"] == 7
+    assert closed["server"]["requests_counted"] == 7
+    assert closed["latency_s"]["p50"] > 0 and closed["images_per_s"] > 0
+    opened = asyncio.run(run_load(LoadSpec(url=server.url, api_key=API_KEY, stream=True,
+                                           partial_images=1), mode="open", rate=20.0,
+                                  requests=5, duration_s=60, progress=False))
+    assert opened["ok"] == 5 and opened["server"]["requests_counted"] == 5
+    assert opened["first_partial_s"]["p50"] > 0
+    wrong = asyncio.run(run_load(LoadSpec(url=server.url, api_key="wrong"), requests=3,
+                                 progress=False))
+    assert wrong["errors_by_status"] == {"401": 3} and wrong["ok"] == 0
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--url", server.url, "--api-key", API_KEY, "--sweep", "2",
+                              "--requests", "2", "--warmup", "0", "--json-out",
+                              str(tmp_path / "serve.json"), "--plots-dir",
+                              str(tmp_path / "plots"), "--markdown-out",
+                              str(tmp_path / "B.md")])
+    result = main(args)
+    assert [r["concurrency"] for r in result["runs"]] == [1, 2]
+    assert json.loads((tmp_path / "serve.json").read_text())["runs"][1]["ok"] == 2
+    for name in ("latency_cdf.png", "sweep.png"):
+        assert Image.open(tmp_path / "plots" / name).size[0] > 100
+    assert "HTTP server under load" in (tmp_path / "B.md").read_text()
 
 
 def test_sigterm_drains_in_flight_work(server):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from server import metrics
 from server.generation import SamplingOptions, image_provenance
 from server.protocol import ImageTokensDetails, SamplingExtensions, Usage
 from server.service import ModelService, ServiceError
@@ -60,6 +62,13 @@ def usage(service: ModelService, images: int) -> Usage:
     return Usage(input_tokens=inputs, input_tokens_details=ImageTokensDetails(),
                  output_tokens=outputs, total_tokens=inputs + outputs,
                  output_tokens_details=ImageTokensDetails(image_tokens=outputs))
+
+
+def observe_request(service: ModelService, endpoint: str, outcome: str, started: float) -> None:
+    metrics.REQUESTS.labels(service.name, endpoint, outcome).inc()
+    if outcome == "ok":
+        metrics.REQUEST_LATENCY.labels(service.name, endpoint).observe(
+            time.monotonic() - started)
 
 
 def sse(event: BaseModel | dict[str, Any], name: str | None = None) -> dict[str, str]:

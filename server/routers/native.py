@@ -8,12 +8,19 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from server import metrics
-from server.deps import AppState, accepting, require_api_key, resolve_service, until_disconnected
-from server.protocol import NativeGenerateRequest, NativeGenerateResponse, NativeImage
+from server.deps import (
+    AppState,
+    accepting,
+    get_state,
+    require_api_key,
+    resolve_service,
+    until_disconnected,
+)
+from server.protocol import ClassList, NativeGenerateRequest, NativeGenerateResponse, NativeImage
 from server.routers.common import (
     b64_image,
     check_count,
+    observe_request,
     resolve_label,
     sampling_options,
     sse,
@@ -35,6 +42,13 @@ async def _native_image(service: ModelService, body: NativeGenerateRequest, opti
         tokens=event.tokens if body.return_tokens else None, seconds=round(event.seconds, 4))
 
 
+@router.get("/classes")
+def classes(model: str | None = None, state: AppState = Depends(get_state)) -> ClassList:
+    """The class names a model draws (the playground's autocompletion)."""
+    service = resolve_service(state, model)
+    return ClassList(model=service.name, classes=service.model.class_names)
+
+
 @router.post("/generate", response_model=None)
 async def generate(body: NativeGenerateRequest, request: Request,
                    state: AppState = Depends(accepting)
@@ -48,12 +62,6 @@ async def generate(body: NativeGenerateRequest, request: Request,
     reservation = service.admit(len(labels))
     request_id = request.state.request_id
     started, created = time.monotonic(), int(time.time())
-
-    def observe(outcome: str) -> None:
-        metrics.REQUESTS.labels(service.name, ENDPOINT, outcome).inc()
-        if outcome == "ok":
-            metrics.REQUEST_LATENCY.labels(service.name, ENDPOINT).observe(
-                time.monotonic() - started)
 
     if body.stream:
         async def events() -> AsyncIterator[dict[str, str]]:
@@ -77,7 +85,7 @@ async def generate(body: NativeGenerateRequest, request: Request,
                 yield sse_error(e)
             finally:
                 reservation.release()
-                observe(outcome)
+                observe_request(service, ENDPOINT, outcome, started)
 
         return EventSourceResponse(events(), headers={"X-Request-Id": request_id})
 
@@ -93,7 +101,7 @@ async def generate(body: NativeGenerateRequest, request: Request,
         outcome = "ok"
     finally:
         reservation.release()
-        observe(outcome)
+        observe_request(service, ENDPOINT, outcome, started)
     return NativeGenerateResponse(id=request_id, created=created, model=service.name,
                                   size=service.size, output_format=body.output_format,
                                   images=images)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
-from server import metrics
 from server.deps import (
     AppState,
     accepting,
@@ -32,6 +31,7 @@ from server.routers.common import (
     b64_image,
     check_count,
     encoded_image,
+    observe_request,
     resolve_label,
     sampling_options,
     sse,
@@ -99,7 +99,7 @@ async def create_image(body: ImageGenerationRequest, request: Request,
                 yield sse_error(e)
             finally:
                 reservation.release()
-                _observe(service, outcome, started)
+                observe_request(service, ENDPOINT, outcome, started)
 
         return EventSourceResponse(events(), headers={"X-Request-Id": request_id})
 
@@ -131,16 +131,9 @@ async def create_image(body: ImageGenerationRequest, request: Request,
         raise
     finally:
         reservation.release()
-        _observe(service, outcome, started)
+        observe_request(service, ENDPOINT, outcome, started)
     return ImagesResponse(created=created, data=data, output_format=body.output_format,
                           size=service.size, usage=usage(service, body.n))
-
-
-def _observe(service: ModelService, outcome: str, started: float) -> None:
-    metrics.REQUESTS.labels(service.name, ENDPOINT, outcome).inc()
-    if outcome == "ok":
-        metrics.REQUEST_LATENCY.labels(service.name, ENDPOINT).observe(
-            time.monotonic() - started)
 
 
 @router.get("/images/files/{name}")

