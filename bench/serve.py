@@ -294,6 +294,14 @@ def offline_ceiling(model_dir: Path, concurrency: int, images: int, dtype: str) 
             "reference_images_per_s": round(images / reference_s, 3)}
 
 
+def _first_model(spec: LoadSpec) -> str:
+    try:
+        models = httpx.get(f"{spec.url}/v1/models", headers=spec.headers(), timeout=10).json()
+        return models["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return "unknown"
+
+
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--url", required=True, help="server base URL, e.g. "
                         "http://127.0.0.1:8000 (the only address the tool sends to)")
@@ -342,15 +350,16 @@ def main(args: Any) -> dict:
                 run["offline"]["http_vs_engine"] = round(
                     run["images_per_s"] / run["offline"]["engine_images_per_s"], 3)
             print(json.dumps(run["offline"]), flush=True)
+    served = args.model or _first_model(spec)
     result = {"benchmark": "serve", "command": command_line(), "machine": machine(),
-              "url": spec.url, "runs": runs}
+              "url": spec.url, "model": served, "runs": runs}
     plots = plot(runs, Path(args.plots_dir))
     result["plots"] = [str(p) for p in plots]
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=1))
     if args.markdown_out:
         info = result["machine"]
-        lines = ["## HTTP server under load vs offline engine vs reference loop", "",
+        lines = [f"## HTTP server under load vs offline engine vs reference loop: {served}", "",
                  f"Command: `{result['command']}` ({info['date']}; {info['cpu']}, "
                  f"{info['cores']} cores). Server and client on the same machine; offline "
                  "numbers include the VQ decode, as the server does. Raw data: "
@@ -365,5 +374,5 @@ def main(args: Any) -> dict:
                          f"{r['latency_s']['p99']} | {off.get('engine_images_per_s', '-')} | "
                          f"{off.get('reference_images_per_s', '-')} | "
                          f"{off.get('http_vs_engine', '-')} | {r['errors_by_status'] or 0} |")
-        write_section(Path(args.markdown_out), "serve", "\n".join(lines))
+        write_section(Path(args.markdown_out), f"serve-{served}", "\n".join(lines))
     return result

@@ -67,6 +67,14 @@ def vllm_config(gpt: GPTConfig, image_size: int, downsample: int) -> dict:
     }
 
 
+def _config_source(spec: str) -> str:
+    """How the config was given: a zoo name, a JSON file's name, or inline JSON."""
+    text = str(spec)
+    if text.lstrip().startswith("{"):
+        return "inline JSON"
+    return Path(text).name
+
+
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or strided storage (mmap-loaded and sliced tensors).
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
@@ -127,7 +135,7 @@ def convert(gpt_checkpoint: str | Path, gpt_model: str, out_dir: str | Path, *,
         "software_version": software_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpt": {"source": Path(gpt_checkpoint).name, "layout": layout,
-                "sha256": sha256_file(gpt_checkpoint), "model": str(gpt_model)},
+                "sha256": sha256_file(gpt_checkpoint), "config": _config_source(gpt_model)},
     }
     if vq_sd is not None:
         assert vq_cfg is not None
@@ -135,7 +143,8 @@ def convert(gpt_checkpoint: str | Path, gpt_model: str, out_dir: str | Path, *,
         save_file(_contiguous(vq_sd), out / VQ_DIR / WEIGHTS_FILE)
         (out / VQ_DIR / CONFIG_FILE).write_text(json.dumps(vq_cfg.to_dict(), indent=1))
         metadata["vq"] = {"source": Path(vq_checkpoint).name, "layout": vq_layout,
-                          "sha256": sha256_file(vq_checkpoint), "model": vq_model or "VQ-16"}
+                          "sha256": sha256_file(vq_checkpoint),
+                          "config": _config_source(vq_model or "VQ-16")}
     if names is not None:
         (out / CLASSES_FILE).write_text("".join(f"{i}, {n}\n" for i, n in enumerate(names)))
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=1))

@@ -49,7 +49,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
             continue
         flag = "--" + name.replace("_", "-")
         kind = _field_type(field.annotation)
-        help_text = f"{field.description or ''} (default: {field.default})".strip()
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or ''} (default: {default})".strip()
         if kind is bool:
             group.add_argument(flag, dest=name, action="store_true", default=None,
                                help=help_text)
@@ -244,6 +245,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from bench import decoder as bench_decoder
+    from bench import models as bench_models
     from bench import serve as bench_serve
     from server.engine import EngineSettings
     from server.generation import SamplingOptions
@@ -319,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("serve", help="load-test a running server (httpx, async)")
     bench_serve.add_arguments(b)
     b.set_defaults(func=bench_serve.main)
+    b = bench.add_parser("make-model", help="a random-weight model directory of a zoo size")
+    bench_models.add_arguments(b)
+    b.set_defaults(func=bench_models.main)
     b = bench.add_parser("decoder", help="VQ decode images/s against batch size")
     bench_decoder.add_arguments(b)
     b.set_defaults(func=bench_decoder.main)
