@@ -26,8 +26,8 @@ def demo_report(engine_factory):
     from model_registry.demo.evaluate import evaluate_demo
 
     model = load_model_dir(DEMO_MODEL)
-    llm = engine_factory(model, max_num_seqs=128)
-    return evaluate_demo(DEMO_MODEL, per_class=10, seed=0, llm=llm)
+    llm = engine_factory(model, max_num_seqs=200)
+    return evaluate_demo(DEMO_MODEL, per_class=20, seed=0, llm=llm)  # = docs/demo_eval.json
 
 
 def test_generated_images_are_recognised(demo_report):

@@ -80,9 +80,9 @@ def test_page_generates_with_previews_and_shows_errors(page, server):
         }).observe(document.getElementById('tiles'),
                    {subtree: true, attributes: true, attributeFilter: ['class']});
     }""")
-    page.get_by_label("Class").fill("yellow star")
-    page.get_by_label("Images").fill("2")
-    page.get_by_label("Seed").fill("5")
+    page.get_by_label("Class", exact=True).fill("yellow star")
+    page.get_by_label("Images", exact=True).fill("2")
+    page.get_by_label("Seed", exact=True).fill("5")
     page.keyboard.press("Enter")  # keyboard-operable: submit from the form
     page.wait_for_selector("figure.tile.preview", timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "playground-mid-generation.png"))
@@ -103,8 +103,8 @@ def test_page_generates_with_previews_and_shows_errors(page, server):
     page.screenshot(path=str(ARTIFACTS / "playground-done.png"))
 
     # An API error is shown as the API's message.
-    page.get_by_label("Class").fill("zebra")
-    page.get_by_role("button", name="Generate").click()
+    page.get_by_label("Class", exact=True).fill("zebra")
+    page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error")).to_contain_text("unknown class 'zebra'")
     expect(page.locator("figure.tile")).to_have_count(0)
