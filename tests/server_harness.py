@@ -34,6 +34,18 @@ class ServerProcess:
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
+    def __enter__(self) -> ServerProcess:
+        """Started and ready; stopped on exit (whatever happened)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def wait_ready(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

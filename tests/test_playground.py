@@ -33,13 +33,9 @@ def ensure_browser() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ensure_browser()
-    proc = ServerProcess([DEMO_MODEL], tmp_path_factory.mktemp("playground"),
-                         "--max-num-seqs", "8")
-    try:
-        proc.wait_ready()
+    with ServerProcess([DEMO_MODEL], tmp_path_factory.mktemp("playground"),
+                       "--max-num-seqs", "8") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

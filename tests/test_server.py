@@ -44,14 +44,10 @@ def served_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
-    proc = ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
-                         "--max-num-seqs", "8", "--max-queued-images", "12",
-                         "--max-body-bytes", "4096", "--drain-timeout-s", "60")
-    try:
-        proc.wait_ready()
+    with ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
+                       "--max-num-seqs", "8", "--max-queued-images", "12",
+                       "--max-body-bytes", "4096", "--drain-timeout-s", "60") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
