@@ -94,28 +94,26 @@ class ImagesResponse(BaseModel):
     usage: Usage
 
 
-class PartialImageEvent(BaseModel):
+class _ImageEvent(BaseModel):
+    """Fields both OpenAI image stream events carry."""
+
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["high"] = "high"
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    image_index: int = Field(0, description="extension: which of the n images")
+
+
+class PartialImageEvent(_ImageEvent):
     type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
-    b64_json: str
     partial_image_index: int
-    created_at: int
-    size: str
-    quality: Literal["high"] = "high"
-    background: Literal["opaque"] = "opaque"
-    output_format: OutputFormat
-    image_index: int = Field(0, description="extension: which of the n images")
 
 
-class CompletedEvent(BaseModel):
+class CompletedEvent(_ImageEvent):
     type: Literal["image_generation.completed"] = "image_generation.completed"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: Literal["high"] = "high"
-    background: Literal["opaque"] = "opaque"
-    output_format: OutputFormat
     usage: Usage
-    image_index: int = Field(0, description="extension: which of the n images")
     seed: int | None = None
     class_label: int | None = None
 

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
+from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
 
 from server import metrics
+from server.deps import until_disconnected
 from server.generation import SamplingOptions, image_provenance
 from server.protocol import ImageTokensDetails, SamplingExtensions, Usage
-from server.service import ModelService, ServiceError
+from server.service import ModelService, Reservation, ServiceError
 from server.settings import ServerSettings
 from vq_decoder.encoding import encode_image
+
+T = TypeVar("T")
 
 
 def check_count(n: int, settings: ServerSettings, param: str) -> None:
@@ -69,6 +76,45 @@ def observe_request(service: ModelService, endpoint: str, outcome: str, started:
     if outcome == "ok":
         metrics.REQUEST_LATENCY.labels(service.name, endpoint).observe(
             time.monotonic() - started)
+
+
+def sse_response(service: ModelService, endpoint: str, reservation: Reservation,
+                 started: float, request_id: str,
+                 events: AsyncIterator[dict[str, str]]) -> EventSourceResponse:
+    """Stream `events`; an error after the status line went out is reported in-band, as
+    OpenAI does. The reservation is released and the request counted however it ends."""
+    async def guarded() -> AsyncIterator[dict[str, str]]:
+        outcome = "error"
+        try:
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    yield item
+            outcome = "ok"
+        except Exception as e:
+            yield sse_error(e)
+        finally:
+            reservation.release()
+            observe_request(service, endpoint, outcome, started)
+
+    return EventSourceResponse(guarded(), headers={"X-Request-Id": request_id})
+
+
+async def respond(request: Request, service: ModelService, endpoint: str,
+                  reservation: Reservation, started: float, work: Awaitable[T]) -> T:
+    """Run a non-streaming request's work, cancelled if the client leaves; release and count
+    it however it ends."""
+    outcome = "error"
+    try:
+        result = await until_disconnected(request, work)
+        outcome = "ok"
+        return result
+    except ServiceError as e:
+        if e.status == 499:
+            outcome = "disconnected"
+        raise
+    finally:
+        reservation.release()
+        observe_request(service, endpoint, outcome, started)
 
 
 def sse(event: BaseModel | dict[str, Any], name: str | None = None) -> dict[str, str]:

@@ -14,17 +14,16 @@ from server.deps import (
     get_state,
     require_api_key,
     resolve_service,
-    until_disconnected,
 )
 from server.protocol import ClassList, NativeGenerateRequest, NativeGenerateResponse, NativeImage
 from server.routers.common import (
     b64_image,
     check_count,
-    observe_request,
     resolve_label,
+    respond,
     sampling_options,
     sse,
-    sse_error,
+    sse_response,
 )
 from server.service import Finished, ModelService, Preview
 
@@ -65,29 +64,20 @@ async def generate(body: NativeGenerateRequest, request: Request,
 
     if body.stream:
         async def events() -> AsyncIterator[dict[str, str]]:
-            outcome = "error"
-            try:
-                async for event in service.generate(labels, options, request_id=request_id,
-                                                    partial_images=body.partial_images):
-                    if isinstance(event, Preview):
-                        b64 = await b64_image(service, event.pixels, options, None,
-                                              labels[event.index], body.output_format,
-                                              body.output_compression)
-                        yield sse({"type": "partial_image", "image_index": event.index,
-                                   "partial_image_index": event.partial_index,
-                                   "b64_json": b64})
-                    else:
-                        image = await _native_image(service, body, options, event)
-                        yield sse({"type": "image", **image.model_dump(exclude_none=True)})
-                yield sse({"type": "done", "id": request_id, "model": service.name})
-                outcome = "ok"
-            except Exception as e:
-                yield sse_error(e)
-            finally:
-                reservation.release()
-                observe_request(service, ENDPOINT, outcome, started)
+            async for event in service.generate(labels, options, request_id=request_id,
+                                                partial_images=body.partial_images):
+                if isinstance(event, Preview):
+                    b64 = await b64_image(service, event.pixels, options, None,
+                                          labels[event.index], body.output_format,
+                                          body.output_compression)
+                    yield sse({"type": "partial_image", "image_index": event.index,
+                               "partial_image_index": event.partial_index, "b64_json": b64})
+                else:
+                    image = await _native_image(service, body, options, event)
+                    yield sse({"type": "image", **image.model_dump(exclude_none=True)})
+            yield sse({"type": "done", "id": request_id, "model": service.name})
 
-        return EventSourceResponse(events(), headers={"X-Request-Id": request_id})
+        return sse_response(service, ENDPOINT, reservation, started, request_id, events())
 
     async def collect() -> list[NativeImage]:
         images = [await _native_image(service, body, options, event)
@@ -95,13 +85,7 @@ async def generate(body: NativeGenerateRequest, request: Request,
                   if isinstance(event, Finished)]
         return sorted(images, key=lambda image: image.index)
 
-    outcome = "error"
-    try:
-        images = await until_disconnected(request, collect())
-        outcome = "ok"
-    finally:
-        reservation.release()
-        observe_request(service, ENDPOINT, outcome, started)
+    images = await respond(request, service, ENDPOINT, reservation, started, collect())
     return NativeGenerateResponse(id=request_id, created=created, model=service.name,
                                   size=service.size, output_format=body.output_format,
                                   images=images)

@@ -15,7 +15,6 @@ from server.deps import (
     get_state,
     require_api_key,
     resolve_service,
-    until_disconnected,
 )
 from server.image_store import EXTENSIONS
 from server.protocol import (
@@ -31,11 +30,11 @@ from server.routers.common import (
     b64_image,
     check_count,
     encoded_image,
-    observe_request,
     resolve_label,
+    respond,
     sampling_options,
     sse,
-    sse_error,
+    sse_response,
     usage,
 )
 from server.service import Finished, ModelService, ServiceError
@@ -77,31 +76,23 @@ async def create_image(body: ImageGenerationRequest, request: Request,
 
     if body.stream:
         async def events() -> AsyncIterator[dict[str, str]]:
-            outcome = "error"
-            try:
-                async for event in service.generate(labels, options, request_id=request_id,
-                                                    partial_images=body.partial_images):
-                    b64 = await b64_image(service, event.pixels, options,
-                                          getattr(event, "seed", None), label,
-                                          body.output_format, body.output_compression)
-                    if isinstance(event, Finished):
-                        yield sse(CompletedEvent(
-                            b64_json=b64, created_at=int(time.time()), size=service.size,
-                            output_format=body.output_format, usage=usage(service, 1),
-                            image_index=event.index, seed=event.seed, class_label=label))
-                    else:
-                        yield sse(PartialImageEvent(
-                            b64_json=b64, partial_image_index=event.partial_index,
-                            created_at=int(time.time()), size=service.size,
-                            output_format=body.output_format, image_index=event.index))
-                outcome = "ok"
-            except Exception as e:  # the status line is sent: report in-band, as OpenAI does
-                yield sse_error(e)
-            finally:
-                reservation.release()
-                observe_request(service, ENDPOINT, outcome, started)
+            async for event in service.generate(labels, options, request_id=request_id,
+                                                partial_images=body.partial_images):
+                b64 = await b64_image(service, event.pixels, options,
+                                      getattr(event, "seed", None), label,
+                                      body.output_format, body.output_compression)
+                if isinstance(event, Finished):
+                    yield sse(CompletedEvent(
+                        b64_json=b64, created_at=int(time.time()), size=service.size,
+                        output_format=body.output_format, usage=usage(service, 1),
+                        image_index=event.index, seed=event.seed, class_label=label))
+                else:
+                    yield sse(PartialImageEvent(
+                        b64_json=b64, partial_image_index=event.partial_index,
+                        created_at=int(time.time()), size=service.size,
+                        output_format=body.output_format, image_index=event.index))
 
-        return EventSourceResponse(events(), headers={"X-Request-Id": request_id})
+        return sse_response(service, ENDPOINT, reservation, started, request_id, events())
 
     async def collect() -> list[Image]:
         images: list[Image | None] = [None] * body.n
@@ -122,16 +113,7 @@ async def create_image(body: ImageGenerationRequest, request: Request,
                     seed=event.seed, class_label=label)
         return [img for img in images if img is not None]
 
-    outcome = "error"
-    try:
-        data = await until_disconnected(request, collect())
-        outcome = "ok"
-    except ServiceError as e:
-        outcome = "disconnected" if e.status == 499 else "error"
-        raise
-    finally:
-        reservation.release()
-        observe_request(service, ENDPOINT, outcome, started)
+    data = await respond(request, service, ENDPOINT, reservation, started, collect())
     return ImagesResponse(created=created, data=data, output_format=body.output_format,
                           size=service.size, usage=usage(service, body.n))
 
