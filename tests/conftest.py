@@ -76,11 +76,6 @@ def tiny_model_24(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
                           with_vq=False, name="tiny24")
 
 
-def shutdown(llm: object) -> None:
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="module")
 def engine_factory() -> Iterator:
     """Builds in-process engines; frees them when the module ends."""

@@ -76,10 +76,6 @@ class DecoderService:
         self._wakeup.set()
         return await future
 
-    @property
-    def queued(self) -> int:
-        return sum(len(jobs) for jobs in self._pending.values())
-
     def _next_batch(self) -> list[_Job] | None:
         """The full batch of any shape, else the shape whose oldest job waited max_wait_s."""
         now = time.monotonic()
