@@ -35,6 +35,7 @@ from model_registry.model_dir import (
     load_model_dir,
     parse_class_names,
 )
+from model_registry.text_encoder import T5_MAX_LENGTH, text_encoder_section
 from vq_decoder.vq_model import VQConfig, VQModel
 
 
@@ -45,9 +46,10 @@ def software_version() -> str:
         return "unknown"
 
 
-def vllm_config(gpt: GPTConfig, image_size: int, downsample: int) -> dict:
+def vllm_config(gpt: GPTConfig, image_size: int, downsample: int,
+                text_encoder: dict | None = None) -> dict:
     """config.json: what vLLM reads (sizes for the KV cache, the architecture) + our section."""
-    return {
+    config = {
         "architectures": ["LlamaGenForCausalLM"],
         "model_type": "llama",
         "hidden_size": gpt.dim,
@@ -65,6 +67,14 @@ def vllm_config(gpt: GPTConfig, image_size: int, downsample: int) -> dict:
         "torch_dtype": "float32",
         "llamagen": {"gpt": gpt.to_dict(), "image_size": image_size, "downsample": downsample},
     }
+    if gpt.model_type == "t2i":
+        # The prompt is caption embeddings, so no id beyond the codebook is ever fed.
+        config["vocab_size"] = gpt.vocab_size
+        # Turns on vLLM's per-request positions (see model_registry/vllm_model.py); the
+        # sections describe the 2D RoPE's pairs: none temporal, hd/4 by row, hd/4 by column.
+        config["mrope_section"] = [0, gpt.head_dim // 4, gpt.head_dim // 4]
+        config["llamagen"]["text_encoder"] = text_encoder
+    return config
 
 
 def _config_source(spec: str) -> str:
@@ -83,18 +93,33 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def convert(gpt_checkpoint: str | Path, gpt_model: str, out_dir: str | Path, *,
             image_size: int | None = None, vq_checkpoint: str | Path | None = None,
             vq_model: str | None = None, class_names: str | Path | None = None,
-            name: str | None = None, overwrite: bool = False) -> ModelDir:
-    """Check the official files strictly against their configs and write the model directory."""
+            text_encoder: str | None = None, name: str | None = None,
+            overwrite: bool = False) -> ModelDir:
+    """Check the official files strictly against their configs and write the model directory.
+
+    t2i models record `text_encoder` (a local path or hub name of the T5 encoder, FLAN-T5-XL
+    for the released ones); without one the directory generates from caption features only."""
     vq_cfg: VQConfig | None = None
     if vq_checkpoint is not None:
         vq_cfg = resolve_vq_config(vq_model or "VQ-16")
     downsample = vq_cfg.downsample if vq_cfg else 16
-    gpt = resolve_gpt_config(gpt_model, image_size=image_size)
-    if gpt.model_type != "c2i":
-        raise ConfigError("only class-conditional (c2i) GPT checkpoints can be converted")
-    if gpt.class_dropout_prob <= 0:
+    sd, layout = read_checkpoint(gpt_checkpoint)
+    # A zoo name does not say the task; the checkpoint's condition embedder does.
+    model_type = "t2i" if any(k.startswith("cls_embedding.cap_proj.") for k in sd) else "c2i"
+    gpt = resolve_gpt_config(gpt_model, image_size=image_size, model_type=model_type)
+    if gpt.model_type == "c2i" and gpt.class_dropout_prob <= 0:
         raise ConfigError("class_dropout_prob is 0: the model has no null class, so it cannot "
                           "use classifier-free guidance")
+    if gpt.model_type == "t2i" and gpt.cls_token_num > T5_MAX_LENGTH:
+        raise ConfigError(f"t2i cls_token_num {gpt.cls_token_num} exceeds the "
+                          f"{T5_MAX_LENGTH}-row caption embedder")
+    if gpt.model_type == "t2i" and class_names is not None:
+        raise ConfigError("class names are for class-conditional (c2i) models")
+    if gpt.model_type == "c2i" and text_encoder is not None:
+        raise ConfigError("a text encoder is for text-conditional (t2i) models")
+    encoder = None
+    if text_encoder is not None:
+        encoder = text_encoder_section(text_encoder, gpt)
     native = gpt.grid_size * downsample
     if image_size is not None and image_size != native:
         raise ConfigError(f"image size {image_size} does not match the config's "
@@ -110,7 +135,6 @@ def convert(gpt_checkpoint: str | Path, gpt_model: str, out_dir: str | Path, *,
             raise ConfigError(f"{class_names} has {len(names)} names for {gpt.num_classes} "
                               "classes")
 
-    sd, layout = read_checkpoint(gpt_checkpoint)
     with torch.device("meta"):
         ref = Transformer(gpt)
     gpt_sd = strict_state_dict(sd, ref, f"GPT checkpoint {gpt_checkpoint}")
@@ -129,7 +153,8 @@ def convert(gpt_checkpoint: str | Path, gpt_model: str, out_dir: str | Path, *,
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(gpt_sd), out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(vllm_config(gpt, native, downsample), indent=1))
+    (out / CONFIG_FILE).write_text(json.dumps(vllm_config(gpt, native, downsample, encoder),
+                                              indent=1))
     metadata = {
         "name": name or out.name,
         "software_version": software_version(),

@@ -53,12 +53,26 @@ def _guide(logits: torch.Tensor, cfg_scale: float, guided: bool) -> torch.Tensor
     return uncond + (cond - uncond) * cfg_scale if guided else cond
 
 
+def _mask_condition(model: Transformer, emb_masks: torch.Tensor) -> None:
+    """Zero the key columns of padded condition slots; every position still sees itself."""
+    mask = model.causal_mask
+    assert mask is not None
+    T = emb_masks.shape[1]
+    mask[:, :, :T] &= emb_masks.bool()[:, None, :]
+    mask |= torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+
+
 @torch.inference_mode()
 def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None = None, *,
-             cfg_scale: float = 1.0, cfg_interval: int = -1, temperature: float = 1.0,
+             emb_masks: torch.Tensor | None = None, cfg_scale: float = 1.0,
+             cfg_interval: int = -1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class labels (B,) -> image tokens (B, max_new_tokens) in raster order.
+    """Conditions -> image tokens (B, max_new_tokens) in raster order.
+
+    c2i: `cond` holds class labels (B,). t2i: `cond` holds caption features (B, 120, caption_dim),
+    left-padded and zeroed where `emb_masks` (B, 120) is 0; padded slots are hidden from every
+    other position in both halves, as the original does.
 
     `cfg_scale <= 1` runs no unconditional rows at all. With `cfg_interval = n > -1` image tokens
     0..n+1 are guided and the rest use the conditional logits (the null rows keep running).
@@ -66,12 +80,17 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
     config = model.config
     max_new_tokens = max_new_tokens or config.block_size
     use_cfg = cfg_scale > 1.0
-    cond_combined = torch.cat([cond, torch.full_like(cond, config.null_class)]) if use_cfg \
-        else cond
+    if config.model_type == "c2i":
+        null = torch.full_like(cond, config.null_class)
+    else:
+        null = torch.zeros_like(cond) + model.cls_embedding.uncond_embedding
+    cond_combined = torch.cat([cond, null]) if use_cfg else cond
     T = config.cls_token_num
     rows = cond_combined.shape[0]
     device = cond.device
     model.setup_caches(rows, T + max_new_tokens)
+    if emb_masks is not None:
+        _mask_condition(model, torch.cat([emb_masks, emb_masks]) if use_cfg else emb_masks)
     try:
         seq = torch.empty(cond.shape[0], max_new_tokens, dtype=torch.long, device=device)
         input_pos = torch.arange(0, T, device=device)

@@ -1,7 +1,8 @@
 """A self-describing LlamaGen model directory, and the one loader that reads it.
 
     DIR/config.json            vLLM/HF config (architectures: LlamaGenForCausalLM) with a
-                               "llamagen" section: the GPT ModelArgs and the image size
+                               "llamagen" section: the GPT ModelArgs, the image size and,
+                               for t2i, the text encoder (a local path or hub name)
     DIR/model.safetensors      GPT weights under the official key names
     DIR/vq/config.json         VQ tokenizer config (original field names + ch, num_res_blocks)
     DIR/vq/model.safetensors   VQ weights under the official key names
@@ -26,7 +27,8 @@ from safetensors.torch import load_file
 
 from model_registry.checkpoint import CheckpointError, strict_state_dict
 from model_registry.configs import GPTConfig
-from model_registry.gpt import Transformer, precompute_freqs_cis_2d
+from model_registry.gpt import MLP, Transformer, precompute_freqs_cis_2d
+from model_registry.text_encoder import TextEncoder
 from vq_decoder.decoder import VQDecoder
 from vq_decoder.vq_model import VQConfig, VQModel
 
@@ -62,6 +64,12 @@ class ModelDir:
     image_size: int
     vq: VQConfig | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # t2i: {"name_or_path", "max_length", "caption_dim"}; None for c2i, or t2i without one.
+    text_encoder: dict[str, Any] | None = None
+
+    @property
+    def is_t2i(self) -> bool:
+        return self.gpt.model_type == "t2i"
 
     @property
     def name(self) -> str:
@@ -145,6 +153,26 @@ class ModelDir:
         model.load_state_dict(self._checked_vq_state_dict(), assign=True)
         return model.to(device=device, dtype=dtype).eval()
 
+    def caption_projection(self, dtype: torch.dtype = torch.float32,
+                           device: str | torch.device = "cpu") -> MLP:
+        """t2i `cls_embedding.cap_proj`: T5 features -> condition embeddings. The front-end
+        applies it, so the engine receives each caption as prompt embeddings."""
+        assert self.is_t2i
+        prefix = "cls_embedding.cap_proj."
+        sd = {k.removeprefix(prefix): v for k, v in self.gpt_state_dict().items()
+              if k.startswith(prefix)}
+        with torch.device("meta"):
+            mlp = MLP(self.gpt.caption_dim, self.gpt.dim, self.gpt.dim)
+        mlp.load_state_dict(sd, assign=True)
+        return mlp.to(device=device, dtype=dtype).eval()
+
+    def load_text_encoder(self, **kwargs: Any) -> TextEncoder:
+        """The t2i caption encoder this model was converted with (kwargs: device, dtype)."""
+        if self.text_encoder is None:
+            raise CheckpointError(f"model directory {self.path} has no text encoder "
+                                  "(convert it with --text-encoder)")
+        return TextEncoder.from_section(self.text_encoder, **kwargs)
+
     def vq_decoder(self, **kwargs: Any) -> VQDecoder:
         """The serving decoder (kwargs: device, dtype, compile, channels_last)."""
         assert self.vq is not None
@@ -168,6 +196,7 @@ def load_model_dir(path: str | Path) -> ModelDir:
         section = config["llamagen"]
         gpt = GPTConfig.from_dict(section["gpt"])
         image_size = int(section["image_size"])
+        text_encoder = section.get("text_encoder")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file} is not a LlamaGen config: {e}") from None
     if not (path / WEIGHTS_FILE).is_file():
@@ -178,4 +207,5 @@ def load_model_dir(path: str | Path) -> ModelDir:
         vq = VQConfig.from_dict(json.loads(vq_config.read_text()))
     metadata_file = path / METADATA_FILE
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
-    return ModelDir(path=path, gpt=gpt, image_size=image_size, vq=vq, metadata=metadata)
+    return ModelDir(path=path, gpt=gpt, image_size=image_size, vq=vq, metadata=metadata,
+                    text_encoder=text_encoder)

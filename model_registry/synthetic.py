@@ -78,3 +78,45 @@ def save_vq_checkpoint(config: VQConfig, path: str | Path, seed: int = 0,
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": sd}, path)
     return path
+
+
+# Words for the tiny tokenizer; anything else is <unk>, so any caption tokenises.
+_TINY_WORDS = (
+    "a", "an", "the", "of", "on", "in", "with", "and", "at", "by", "to", "from", "red",
+    "green", "blue", "yellow", "white", "black", "orange", "purple", "pink", "small", "large",
+    "big", "tiny", "cat", "dog", "bird", "horse", "car", "house", "tree", "flower", "mountain",
+    "river", "sea", "sky", "sun", "moon", "city", "street", "beach", "forest", "photo",
+    "painting", "drawing", "portrait", "sitting", "running", "flying", "standing", "under",
+    "over", "near", "two", "three", "many", "old", "young", "happy", "dark", "bright", "night",
+    "day", "winter", "summer",
+)
+
+
+def save_tiny_t5(path: str | Path, d_model: int = 64, seed: int = 0) -> Path:
+    """A random T5 encoder and a word-level tokenizer built from a config: the text encoder
+    of t2i tests and benchmarks (the real FLAN-T5-XL cannot be downloaded here).
+
+    The tokenizer behaves like T5's where it matters: it appends `</s>`, pads with `<pad>` on
+    the right, and truncation keeps `</s>` last."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    path = Path(path)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in dict.fromkeys(_TINY_WORDS):
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                           special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>",
+                                        padding_side="right", model_max_length=512)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=32, d_ff=2 * d_model,
+                      num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+                      is_encoder_decoder=False, use_cache=False)
+    T5EncoderModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,16 +1,30 @@
 """LlamaGen GPT as an out-of-tree vLLM model, with batched classifier-free guidance.
 
 Each vLLM sequence is one image. It carries two streams side by side: the conditional one and
-the unconditional one (null class), which differ only at the condition positions. Hidden
+the unconditional one (null condition), which differ only at the condition positions. Hidden
 states are `[T, 2, D]` (viewed as `[2T, D]` for the linear layers), attention runs `2H` heads
 per layer (cond heads 0..H-1, uncond heads H..2H-1), so the paged KV cache holds both streams
 and guidance survives continuous batching and preemption. `compute_logits` returns
 `[N, 2V]` (cond | uncond); `model_registry.cfg.CFGLogitsProcessor`, which the engine must load,
 combines them per request.
 
-Prompts are the condition: for c2i one token, `codebook_size + class_id`. Image token k is fed
-at position `cls_token_num + k`; the 2D RoPE table is indexed by position, and its condition
-rows are zero (cos = sin = 0), exactly as the original.
+Positions are the original's sequence positions: image token k is fed at `cls_token_num + k`;
+the 2D RoPE table is indexed by position, and its condition rows are zero (cos = sin = 0).
+
+c2i: the prompt is one token, `codebook_size + class_id`; the null stream uses the null class.
+
+t2i: the prompt is `prompt_embeds`, the projected caption (`cap_proj` of the T5 features) of the
+L valid caption tokens only; the null stream uses `cap_proj(uncond_embedding)` at the same
+slots. The original left-pads captions to 120 slots and masks the padded keys for every other
+position, in both streams. Padded slots influence nothing but themselves, so dropping them is
+exact, and it is the cheapest option: no prefill, KV cache or attention reads for padding, and
+no wider heads (the alternative, an extra head coordinate driving padded keys to -inf, costs
+every attention op a quarter more at head_dim 64). What dropping changes is the positions: the
+L caption tokens must sit at slots 120-L..119 and image token k at 120 + k. vLLM's per-request
+position mechanism (M-RoPE, `get_mrope_input_positions`) supplies exactly that: the prompt's
+positions and a per-request offset (120 - L) that vLLM adds to every generated token's position.
+The engine sees `mrope_section` in config.json for t2i models only; every position row holds the
+same original position, and this model applies its own 2D RoPE from it.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.sequence import IntermediateTensors
 
 from model_registry.configs import GPTConfig, padded_head_size
@@ -128,7 +143,7 @@ class LlamaGenBlock(nn.Module):
         return self.feed_forward(hidden_states), residual
 
 
-class LlamaGenForCausalLM(nn.Module):
+class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
     # checkpoint name -> (parameter name, shard id), as llama.py's stacked_params_mapping.
     stacked_params_mapping: ClassVar[list[tuple[str, str, int]]] = [
         (".feed_forward.w13", ".feed_forward.w1", 0),
@@ -145,16 +160,27 @@ class LlamaGenForCausalLM(nn.Module):
             raise ValueError(f"LlamaGen needs the logits processor {CFG_PROCESSOR!r}; pass "
                              f"logits_processors=[{CFG_PROCESSOR!r}] to the engine")
         config = GPTConfig.from_dict(model_config.hf_config.llamagen["gpt"])
-        if config.model_type != "c2i":
-            raise ValueError("the vLLM LlamaGen model serves class-conditional (c2i) models")
         self.config = config
+        self.is_t2i = config.model_type == "t2i"
+        if self.is_t2i and not (model_config.uses_mrope and model_config.enable_prompt_embeds):
+            raise ValueError("a t2i LlamaGen needs per-request positions (config.json "
+                             "mrope_section, written by `llamagen convert`) and "
+                             "enable_prompt_embeds=True")
+        self.position_rows = model_config.mrope_num_dims
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         self.codebook_size = config.vocab_size
         self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.dim,
                                                      prefix=f"{prefix}tok_embeddings")
-        self.cls_embedding = nn.Module()
-        self.cls_embedding.embedding_table = VocabParallelEmbedding(
-            config.num_classes + 1, config.dim, prefix=f"{prefix}cls_embedding.embedding_table")
+        if self.is_t2i:
+            # The null stream's condition rows, cap_proj(uncond_embedding), made by
+            # load_weights. Conditional captions are projected by the front-end (they arrive
+            # as prompt embeddings), so cap_proj itself has no other use here.
+            self.register_buffer("null_caption", torch.zeros(120, config.dim), persistent=False)
+        else:
+            self.cls_embedding = nn.Module()
+            self.cls_embedding.embedding_table = VocabParallelEmbedding(
+                config.num_classes + 1, config.dim,
+                prefix=f"{prefix}cls_embedding.embedding_table")
         self.layers = nn.ModuleList(
             LlamaGenBlock(config, cache_config, quant_config, f"{prefix}layers.{i}")
             for i in range(config.n_layer))
@@ -166,8 +192,24 @@ class LlamaGenForCausalLM(nn.Module):
             config.grid_size, config.head_dim, config.rope_base, config.cls_token_num),
             persistent=False)
 
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list
+                                  ) -> tuple[torch.Tensor, int]:
+        """The prompt's original positions and the offset vLLM adds to generated tokens'.
+
+        A t2i prompt holds the L valid caption tokens, which the original places at slots
+        120-L..119; image token k then sits at 120 + k = (L + k) + (120 - L)."""
+        offset = self.config.cls_token_num - len(input_tokens)
+        if offset < 0:
+            raise ValueError(f"a LlamaGen prompt has at most {self.config.cls_token_num} "
+                             f"condition tokens, got {len(input_tokens)}")
+        positions = torch.arange(offset, self.config.cls_token_num)
+        return positions.expand(self.position_rows, -1).clone(), offset
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Conditional-stream embeddings: image codes, or class ids offset by codebook_size."""
+        """Conditional-stream embeddings: image codes, or (c2i) class ids offset by
+        codebook_size. A t2i prompt arrives as embeddings and never passes here."""
+        if self.is_t2i:
+            return self.tok_embeddings(input_ids)
         is_class = input_ids >= self.codebook_size
         tok = self.tok_embeddings(torch.where(is_class, 0, input_ids))
         cls = self.cls_embedding.embedding_table(
@@ -177,14 +219,19 @@ class LlamaGenForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        if positions.ndim == 2:  # per-request positions (t2i): every row is the same
+            positions = positions[0]
         is_condition = positions < self.config.cls_token_num
         if input_ids is not None:
             # A fed-back id must be an image code; the CFG processor guarantees it.
             torch._assert_async(~(is_condition.logical_not() & (input_ids >= self.codebook_size))
                                 .any(), "LlamaGen: an image position got an id >= codebook size")
         cond = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        null = self.embed_input_ids(torch.full_like(positions,
-                                                    self.codebook_size + self.config.null_class))
+        if self.is_t2i:
+            null = self.null_caption[positions.clamp(max=self.config.cls_token_num - 1)]
+        else:
+            null = self.embed_input_ids(torch.full_like(
+                positions, self.codebook_size + self.config.null_class))
         uncond = torch.where(is_condition[:, None], null, cond)
         hidden_states = torch.stack([cond, uncond], dim=1).flatten(0, 1)  # [2T, D]
         freqs_cis = self.freqs_cis[positions]
@@ -202,8 +249,12 @@ class LlamaGenForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        caption: dict[str, torch.Tensor] = {}  # t2i: cap_proj and uncond_embedding
         for name, tensor in weights:
             if name == "freqs_cis":  # stale RoPE table in some official files
+                continue
+            if self.is_t2i and name.startswith("cls_embedding."):
+                caption[name.removeprefix("cls_embedding.")] = tensor
                 continue
             for param_name, ckpt_name, shard_id in self.stacked_params_mapping:
                 if ckpt_name in name:
@@ -217,4 +268,19 @@ class LlamaGenForCausalLM(nn.Module):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
+        if self.is_t2i:
+            self._make_null_caption(caption)
         return loaded
+
+    @torch.no_grad()
+    def _make_null_caption(self, caption: dict[str, torch.Tensor]) -> None:
+        """cap_proj = fc2(gelu_tanh(fc1 x)), no biases, in the model dtype as the original."""
+        needed = {"uncond_embedding", "cap_proj.fc1.weight", "cap_proj.fc2.weight"}
+        if set(caption) != needed:
+            raise ValueError(f"t2i checkpoint caption weights {sorted(caption)}, expected "
+                             f"{sorted(needed)}")
+        dtype, device = self.null_caption.dtype, self.null_caption.device
+        w1, w2, null = (caption[k].to(device, dtype) for k in
+                        ("cap_proj.fc1.weight", "cap_proj.fc2.weight", "uncond_embedding"))
+        hidden = F.gelu(F.linear(null, w1), approximate="tanh")
+        self.null_caption.copy_(F.linear(hidden, w2)[: self.null_caption.shape[0]])

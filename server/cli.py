@@ -20,6 +20,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from model_registry.checkpoint import CheckpointError
 from model_registry.configs import ConfigError
 from model_registry.model_dir import load_model_dir
+from model_registry.text_encoder import DEFAULT_TEXT_ENCODER
 
 
 class UsageError(ValueError):
@@ -135,10 +136,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     vq_ckpt = _checkpoint_path(args.vq_checkpoint, vq=True) if args.vq_checkpoint else None
     model = convert(gpt_ckpt, args.gpt_model, args.out, image_size=args.image_size,
                     vq_checkpoint=vq_ckpt, vq_model=args.vq_model,
-                    class_names=args.class_names, name=args.name, overwrite=args.overwrite)
+                    class_names=args.class_names, text_encoder=args.text_encoder,
+                    name=args.name, overwrite=args.overwrite)
     print(f"wrote {model.path}: {model.gpt.model_type} {model.image_size}px, "
           f"{model.grid_size}x{model.grid_size} tokens, "
-          f"{'with' if model.vq else 'without'} VQ decoder")
+          f"{'with' if model.vq else 'without'} VQ decoder"
+          + (f", text encoder {model.text_encoder['name_or_path']}" if model.text_encoder
+             else ", no text encoder (caption features only)" if model.is_t2i else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-model", help="VQ-16, VQ-8, a JSON file or inline JSON "
                    "(default: VQ-16)")
     p.add_argument("--class-names", help="`id, name` lines replacing the ImageNet names")
+    p.add_argument("--text-encoder", help="t2i: the T5 encoder, a local directory or a hub "
+                   f"name (the released t2i models use {DEFAULT_TEXT_ENCODER})")
     p.add_argument("--name", help="served model name (default: the directory name)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -137,6 +137,8 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
         # Generation logprobs would be of the 2V-wide cond|uncond row; none are served.
         max_logprobs=0,
     )
+    if model.is_t2i:
+        kwargs["enable_prompt_embeds"] = True  # captions arrive as embeddings
     if has_cuda():
         kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
                       enforce_eager=settings.enforce_eager)

@@ -1,7 +1,8 @@
-"""Requests to the engine: sampling options, class prompts, per-image seeds, offline batches.
+"""Requests to the engine: sampling options, prompts, per-image seeds, offline batches.
 
-One vLLM request is one image. Its prompt is the condition token, its `extra_args` carry the
-guidance settings for the CFG logits processor, and vLLM's own sampler does temperature, top-k,
+One vLLM request is one image. Its prompt is the condition: the class token (c2i) or the
+projected valid caption rows as prompt embeddings (t2i). Its `extra_args` carry the guidance
+settings for the CFG logits processor, and vLLM's own sampler does temperature, top-k,
 top-p and seeded sampling. Same-seed samples therefore differ from the reference loop's
 `torch.multinomial` (same distribution, other random stream); greedy output is identical.
 """
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, Field, model_validator
 
 from model_registry.model_dir import ModelDir
@@ -50,6 +52,33 @@ def class_prompt_ids(model: ModelDir, label: int) -> list[int]:
     return [model.gpt.vocab_size + label]
 
 
+def caption_prompt(embeds: torch.Tensor) -> dict[str, Any]:
+    """A t2i prompt: cap_proj of the valid caption rows, (L, dim), 1 <= L <= 120."""
+    from vllm.inputs import EmbedsPrompt
+
+    # The null stream's KV depends on the slots the caption occupies (120 - L ..), which the
+    # embeddings alone do not say: the salt keeps prefix caching from mixing lengths.
+    return EmbedsPrompt(prompt_embeds=embeds, cache_salt=f"llamagen-caption-{len(embeds)}")
+
+
+def engine_prompt(model: ModelDir, condition: int | torch.Tensor,
+                  projection: torch.nn.Module | None = None) -> dict[str, Any]:
+    """A class label (c2i) or the valid caption features (t2i, (L, caption_dim)) -> prompt."""
+    from vllm.inputs import TokensPrompt
+
+    if not model.is_t2i:
+        assert isinstance(condition, int)
+        return TokensPrompt(prompt_token_ids=class_prompt_ids(model, condition))
+    assert isinstance(condition, torch.Tensor) and projection is not None
+    if not 1 <= len(condition) <= model.gpt.cls_token_num:
+        raise ValueError(f"a caption has 1..{model.gpt.cls_token_num} tokens, "
+                         f"got {len(condition)}")
+    with torch.inference_mode():
+        weight = next(projection.parameters())
+        embeds = projection(condition.to(weight.device, weight.dtype))
+    return caption_prompt(embeds)
+
+
 def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None,
                     **kwargs: Any) -> Any:
     """vLLM SamplingParams for one image (kwargs: e.g. output_kind for streaming)."""
@@ -76,15 +105,15 @@ class OfflineGenerator:
 
     def __init__(self, model: ModelDir, llm: Any):
         self.model, self.llm = model, llm
+        self.projection = (model.caption_projection(llm.llm_engine.model_config.dtype)
+                           if model.is_t2i else None)
 
-    def generate(self, labels: Sequence[int], options: SamplingOptions
-                 ) -> tuple[list[list[int]], list[int]]:
-        """-> (tokens per image in label order, the seed each image used)."""
-        from vllm.inputs import TokensPrompt
-
-        seeds = options.image_seeds(len(labels))
-        prompts = [TokensPrompt(prompt_token_ids=class_prompt_ids(self.model, label))
-                   for label in labels]
+    def generate(self, conditions: Sequence[int] | Sequence[torch.Tensor],
+                 options: SamplingOptions) -> tuple[list[list[int]], list[int]]:
+        """Class labels (c2i) or valid caption features (t2i) -> (tokens per image in order,
+        the seed each image used)."""
+        seeds = options.image_seeds(len(conditions))
+        prompts = [engine_prompt(self.model, c, self.projection) for c in conditions]
         params = [sampling_params(self.model, options, seed) for seed in seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         tokens = [list(out.outputs[0].token_ids) for out in outputs]
@@ -113,8 +142,6 @@ def save_images(model: ModelDir, tokens: Sequence[Sequence[int]], labels: Sequen
                 ) -> list[Path]:
     """Decode token grids and write exactly one file per image: `{index:04d}_{label}.{ext}`,
     each carrying its provenance."""
-    import torch
-
     from vq_decoder.encoding import encode_image
 
     decoder = model.vq_decoder()
