@@ -1,0 +1,154 @@
+"""Text-to-image: the golden t2i vectors, the original's caption pipeline, and token-exact
+parity between the vLLM engine and the reference with captions of very different lengths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_registry.configs import ConfigError, GPTConfig
+from model_registry.convert import convert
+from model_registry.generate import generate
+from model_registry.model_dir import ModelDir
+from model_registry.synthetic import save_gpt_checkpoint, save_tiny_t5
+from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
+from server.generation import OfflineGenerator, SamplingOptions
+
+TINY_T2I = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, caption_dim=64, cls_token_num=120,
+                block_size=64, model_type="t2i", class_dropout_prob=0.1)
+# From one caption token (an empty caption is just </s>) to one truncated at 120.
+CAPTIONS = ["", "cat", "a red car on a street at night",
+            " ".join(["a small dog running on the beach"] * 5),
+            " ".join(["two old horses standing near a river under a bright sky"] * 12)]
+
+
+@pytest.fixture(scope="module")
+def golden_t2i(golden: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelDir, dict]:
+    model = convert(golden / "t2i_gpt.pt", str(golden / "t2i_gpt.json"),
+                    tmp_path_factory.mktemp("golden_t2i") / "model")
+    return model, json.loads((golden / "t2i_expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def golden_captions(golden: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(np.load(golden / "t2i_captions.npy")),
+            torch.from_numpy(np.load(golden / "t2i_masks.npy")))
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
+    root = tmp_path_factory.mktemp("tiny_t2i")
+    t5 = save_tiny_t5(root / "t5", d_model=TINY_T2I["caption_dim"])
+    ckpt = save_gpt_checkpoint(GPTConfig(**TINY_T2I), root / "t2i.pt", seed=3)
+    return convert(ckpt, json.dumps(TINY_T2I), root / "model", text_encoder=str(t5))
+
+
+@pytest.fixture(scope="module")
+def tiny_captions(tiny_t2i: ModelDir):
+    return tiny_t2i.load_text_encoder().encode(CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i_engine(tiny_t2i: ModelDir, engine_factory) -> OfflineGenerator:
+    return OfflineGenerator(tiny_t2i, engine_factory(tiny_t2i, max_num_seqs=3))
+
+
+def reference_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float
+                     ) -> list[list[int]]:
+    features, masks = left_pad(valid)
+    return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
+                    greedy=True).tolist()
+
+
+def test_reference_golden_t2i(golden_t2i, golden_captions):
+    model, expected = golden_t2i
+    features, masks = golden_captions
+    ref = model.load_reference()
+    for setting in expected["settings"]:
+        tokens = generate(ref, features, emb_masks=masks, cfg_scale=setting["cfg_scale"],
+                          cfg_interval=setting["cfg_interval"], greedy=True)
+        assert tokens.tolist() == setting["tokens"], setting["cfg_scale"]
+
+
+def test_engine_golden_t2i(golden_t2i, golden_captions, engine_factory):
+    model, expected = golden_t2i
+    features, masks = golden_captions
+    valid = [f[m.bool()] for f, m in zip(features, masks, strict=True)]
+    assert [len(v) for v in valid] == expected["caption_valid_lengths"]
+    engine = OfflineGenerator(model, engine_factory(model, max_num_seqs=4))
+    for setting in expected["settings"]:
+        options = SamplingOptions(cfg_scale=setting["cfg_scale"],
+                                  cfg_interval=setting["cfg_interval"], greedy=True)
+        tokens, _ = engine.generate(valid, options)
+        assert tokens == setting["tokens"], setting["cfg_scale"]
+
+
+def test_captions_are_cleaned_tokenised_and_truncated_as_the_original(tiny_t2i, tiny_captions):
+    lengths = [len(c.token_ids) for c in tiny_captions]
+    assert lengths[0] == 1 and lengths[1] == 2 and lengths[-1] == T5_MAX_LENGTH
+    assert len(set(lengths)) == len(lengths)
+    encoder = tiny_t2i.load_text_encoder()
+    eos = encoder.tokenizer.eos_token_id
+    assert all(c.token_ids[-1] == eos for c in tiny_captions)  # truncation keeps </s> last
+    # Truncation drops the tail: the kept tokens are the over-long caption's first 119 words.
+    full = encoder.tokenizer(CAPTIONS[-1])["input_ids"]
+    assert len(full) > T5_MAX_LENGTH and tiny_captions[-1].token_ids[:-1] == full[:119]
+    # A caption's features do not depend on its batch-mates.
+    alone = encoder.encode([CAPTIONS[2]])[0].features
+    torch.testing.assert_close(alone, tiny_captions[2].features, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("text,cleaned", [
+    # Expected values were checked against the original language/t5.py cleaning.
+    ("A photo of a Cat", "a photo of a cat"),
+    ("Hello—World “quoted” #123 www.example.com/page IMG_1234.jpg ... a_b_c_d_e",
+     'hello world "quoted" a b c d e'),
+    ("<p>A <b>red</b> car &amp; a dog</p>", "a red car a dog"),
+    ("  'quoted caption'  ", "quoted caption"),
+    ("@user nice 1920x1080 shot", "nice shot"),
+    ("free shipping worldwide! click for details", "worldwide!"),
+    ("jc6640 and 6640vc231 and j2d1a2a", "and and"),
+])
+def test_clean_caption(text, cleaned):
+    assert clean_caption(text) == cleaned
+
+
+@pytest.mark.parametrize("cfg_scale", [7.5, 1.0])
+def test_engine_matches_reference_with_mixed_caption_lengths(tiny_t2i, tiny_captions,
+                                                             tiny_t2i_engine, cfg_scale):
+    """Five captions (1 to 120 tokens) in one submission, three running at a time; the same
+    caption twice shares its prefix-cached prompt."""
+    valid = [c.features for c in tiny_captions] + [tiny_captions[2].features]
+    tokens, _ = tiny_t2i_engine.generate(valid, SamplingOptions(cfg_scale=cfg_scale, greedy=True))
+    assert tokens == reference_tokens(tiny_t2i, valid, cfg_scale)
+    assert tokens[2] == tokens[-1]
+
+
+def test_padding_is_invisible_to_the_image(tiny_t2i, tiny_captions):
+    """The reference with masks differs from one that lets image tokens see padded slots:
+    the masking is what the parity above pins down."""
+    valid = [tiny_captions[2].features]
+    features, masks = left_pad(valid)
+    ref = tiny_t2i.load_reference()
+    masked = generate(ref, features, emb_masks=masks, cfg_scale=7.5, greedy=True)
+    unmasked = generate(ref, features, cfg_scale=7.5, greedy=True)
+    assert (masked != unmasked).any()
+
+
+def test_convert_records_the_text_encoder_and_per_request_positions(tiny_t2i, tmp_path):
+    config = json.loads((tiny_t2i.path / "config.json").read_text())
+    assert config["mrope_section"] == [0, 16, 16]
+    assert config["llamagen"]["text_encoder"]["max_length"] == 120
+    assert tiny_t2i.is_t2i and tiny_t2i.text_encoder is not None
+    ckpt = tmp_path / "t2i.pt"
+    save_gpt_checkpoint(GPTConfig(**TINY_T2I), ckpt)
+    wrong = save_tiny_t5(tmp_path / "t5_32", d_model=32)
+    with pytest.raises(ConfigError, match="caption_dim is 64"):
+        convert(ckpt, json.dumps(TINY_T2I), tmp_path / "out", text_encoder=str(wrong))
+    with pytest.raises(ConfigError, match="class names"):
+        convert(ckpt, json.dumps(TINY_T2I), tmp_path / "out", class_names=ckpt)
+
