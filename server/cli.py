@@ -147,7 +147,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from server.engine import EngineSettings, build_llm
-    from server.generation import OfflineGenerator, SamplingOptions, save_images
+    from server.generation import Condition, OfflineGenerator, SamplingOptions, save_images
 
     try:
         options = model_from_flags(SamplingOptions, args)
@@ -155,21 +155,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except ValidationError as e:
         raise UsageError(_one_line(e)) from None
     model = load_model_dir(resolve_model_path(args.model))
-    labels = [model.resolve_label(text) for text in args.labels]
+    if model.is_t2i != bool(args.prompts) or bool(args.labels) == bool(args.prompts):
+        raise UsageError(f"{model.name} is {'text' if model.is_t2i else 'class'}-conditional: "
+                         f"give {'--prompts' if model.is_t2i else '--labels'}")
+    if model.is_t2i and any(not text.strip() for text in args.prompts):
+        raise UsageError("--prompts: a prompt must not be empty")
+    labels = [] if model.is_t2i else [model.resolve_label(text) for text in args.labels]
     if not args.tokens_out and not args.out_dir:
         raise UsageError("nothing to write: give --tokens-out FILE and/or --out-dir DIR")
     if args.out_dir and model.vq is None:
         raise UsageError(f"{model.path} has no VQ decoder: use --tokens-out only")
+    if model.is_t2i:
+        captions = model.load_text_encoder().encode(args.prompts)
+        inputs: list[Any] = [c.features for c in captions]
+        conditions = [Condition(caption=c.text) for c in captions]
+    else:
+        inputs = labels
+        conditions = [Condition(label=label) for label in labels]
     llm = build_llm(model, settings)
-    tokens, seeds = OfflineGenerator(model, llm).generate(labels, options)
+    tokens, seeds = OfflineGenerator(model, llm).generate(inputs, options)
     if args.tokens_out:
         Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.tokens_out).write_text(json.dumps(tokens))
     images = []
     if args.out_dir:
-        images = save_images(model, tokens, labels, seeds, options, Path(args.out_dir),
+        images = save_images(model, tokens, conditions, seeds, options, Path(args.out_dir),
                              fmt=args.format, compression=args.compression)
-    print(json.dumps({"labels": labels, "seeds": None if options.greedy else seeds,
+    described = ({"prompts": [c.caption for c in conditions]} if model.is_t2i
+                 else {"labels": inputs})
+    print(json.dumps({**described, "seeds": None if options.greedy else seeds,
                       "tokens_out": args.tokens_out, "images": [str(p) for p in images]}))
 
 
@@ -283,10 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images offline with the vLLM engine")
     p.add_argument("--model", help="model directory")
-    p.add_argument("--labels", nargs="+", required=True,
-                   help="class ids or names, one image each")
+    p.add_argument("--labels", nargs="+", help="c2i: class ids or names, one image each")
+    p.add_argument("--prompts", nargs="+", help="t2i: captions, one image each")
     p.add_argument("--tokens-out", help="write the token ids (one list per image) as JSON")
-    p.add_argument("--out-dir", help="write one image per label: {index:04d}_{label}.png")
+    p.add_argument("--out-dir", help="write one image per label or prompt: "
+                   "{index:04d}_{label}.png (c2i) or {index:04d}.png (t2i)")
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"],
                    help="image format for --out-dir (default: png)")
     p.add_argument("--compression", type=int, choices=range(101), metavar="0..100",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,27 @@ class SamplingOptions(BaseModel):
     def image_seeds(self, n: int) -> list[int]:
         base = self.seed if self.seed is not None else secrets.randbits(62)
         return [(base + i) % 2**63 for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What one image is conditioned on: a class (c2i) or a caption (t2i)."""
+
+    label: int | None = None
+    caption: str | None = None  # t2i: the text the model saw (cleaned, truncated)
+    embeds: torch.Tensor | None = None  # t2i: cap_proj of the valid caption rows, (L, dim)
+
+    @property
+    def input_tokens(self) -> int:
+        return 1 if self.embeds is None else len(self.embeds)
+
+    def prompt(self, model: ModelDir) -> dict[str, Any]:
+        from vllm.inputs import TokensPrompt
+
+        if self.embeds is not None:
+            return caption_prompt(self.embeds)
+        assert self.label is not None
+        return TokensPrompt(prompt_token_ids=class_prompt_ids(model, self.label))
 
 
 def class_prompt_ids(model: ModelDir, label: int) -> list[int]:
@@ -125,23 +147,25 @@ class OfflineGenerator:
 
 
 def image_provenance(model: ModelDir, options: SamplingOptions, seed: int | None,
-                     label: int) -> dict[str, Any]:
+                     condition: Condition) -> dict[str, Any]:
     from model_registry.convert import software_version
     from vq_decoder.encoding import provenance
 
     sampling = options.model_dump(exclude={"seed"})
+    label = condition.label
     return provenance(model=model.name, checkpoint_sha256=model.gpt_sha256,
                       seed=None if options.greedy else seed, sampling=sampling,
                       software=f"llamagen-serve {software_version()}", label=label,
-                      class_name=model.class_names[label])
+                      class_name=None if label is None else model.class_names[label],
+                      prompt=condition.caption)
 
 
-def save_images(model: ModelDir, tokens: Sequence[Sequence[int]], labels: Sequence[int],
-                seeds: Sequence[int], options: SamplingOptions, out_dir: Path, *,
-                fmt: str = "png", compression: int | None = None, batch_size: int = 32
-                ) -> list[Path]:
-    """Decode token grids and write exactly one file per image: `{index:04d}_{label}.{ext}`,
-    each carrying its provenance."""
+def save_images(model: ModelDir, tokens: Sequence[Sequence[int]],
+                conditions: Sequence[Condition], seeds: Sequence[int],
+                options: SamplingOptions, out_dir: Path, *, fmt: str = "png",
+                compression: int | None = None, batch_size: int = 32) -> list[Path]:
+    """Decode token grids and write exactly one file per image, `{index:04d}_{label}.{ext}`
+    (c2i) or `{index:04d}.{ext}` (t2i), each carrying its provenance."""
     from vq_decoder.encoding import encode_image
 
     decoder = model.vq_decoder()
@@ -153,10 +177,12 @@ def save_images(model: ModelDir, tokens: Sequence[Sequence[int]], labels: Sequen
         codes = torch.tensor(tokens[start: start + batch_size]).view(-1, grid, grid)
         for offset, pixels in enumerate(decoder.decode_uint8(codes).numpy()):
             i = start + offset
+            condition = conditions[i]
             data = encode_image(pixels, fmt,  # type: ignore[arg-type]
-                                metadata=image_provenance(model, options, seeds[i], labels[i]),
+                                metadata=image_provenance(model, options, seeds[i], condition),
                                 compression=compression)
-            path = out_dir / f"{i:04d}_{labels[i]}.{ext}"
+            stem = f"{i:04d}" if condition.label is None else f"{i:04d}_{condition.label}"
+            path = out_dir / f"{stem}.{ext}"
             path.write_bytes(data)
             paths.append(path)
     return paths

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.generation import SamplingOptions
 
@@ -34,7 +34,8 @@ class SamplingExtensions(BaseModel):
 
 class ImageGenerationRequest(SamplingExtensions):
     """POST /v1/images/generations. For class-conditional models `prompt` is a class id
-    ("207") or name ("golden retriever")."""
+    ("207") or name ("golden retriever"); for text-conditional ones it is the caption
+    (cleaned and truncated to 120 T5 tokens, as the original does)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,7 +79,8 @@ class Usage(BaseModel):
 class Image(BaseModel):
     b64_json: str | None = None
     url: str | None = None
-    revised_prompt: str | None = None
+    revised_prompt: str | None = Field(None, description="t2i: the caption after the "
+                                       "original's cleaning, as the model saw it")
     # Extensions: what regenerates this exact image.
     seed: int | None = None
     class_label: int | None = None
@@ -116,6 +118,7 @@ class CompletedEvent(_ImageEvent):
     usage: Usage
     seed: int | None = None
     class_label: int | None = None
+    revised_prompt: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -124,8 +127,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llamagen-serve"
     # Extensions.
+    task: Literal["c2i", "t2i"] = Field(description="c2i: prompts are class ids or names; "
+                                        "t2i: prompts are captions")
     image_size: int
-    num_classes: int
+    num_classes: int = Field(description="0 for t2i models")
     max_model_len: int
 
 
@@ -146,11 +151,13 @@ class ErrorResponse(BaseModel):
 
 
 class NativeGenerateRequest(SamplingExtensions):
-    """POST /v1/generate: a batch of class-conditional images, one per label."""
+    """POST /v1/generate: a batch of images, one per label (c2i models) or per prompt (t2i)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: list[int | str] = Field(min_length=1, description="class ids or names")
+    labels: list[int | str] | None = Field(None, min_length=1,
+                                           description="c2i: class ids or names")
+    prompts: list[str] | None = Field(None, min_length=1, description="t2i: captions")
     model: str | None = None
     greedy: bool = False
     output_format: OutputFormat = "png"
@@ -158,6 +165,24 @@ class NativeGenerateRequest(SamplingExtensions):
     return_tokens: bool = False
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=3)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_blank(cls, v: list[str] | None) -> list[str] | None:
+        for i, text in enumerate(v or []):
+            if not text.strip():
+                raise ValueError(f"prompt {i} must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_or_prompts(self) -> NativeGenerateRequest:
+        if (self.labels is None) == (self.prompts is None):
+            raise ValueError("give exactly one of labels (c2i models) and prompts (t2i)")
+        return self
+
+    @property
+    def count(self) -> int:
+        return len(self.labels or self.prompts or [])
 
 
 class ClassList(BaseModel):
@@ -167,8 +192,9 @@ class ClassList(BaseModel):
 
 class NativeImage(BaseModel):
     index: int
-    class_label: int
-    class_name: str
+    class_label: int | None = None
+    class_name: str | None = None
+    prompt: str | None = Field(None, description="t2i: the caption as the model saw it")
     seed: int | None
     b64_json: str
     tokens: list[int] | None = None

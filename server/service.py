@@ -1,6 +1,8 @@
-"""The generation service of one served model: vLLM AsyncLLM + the VQ decoder service.
+"""The generation service of one served model: vLLM AsyncLLM + the VQ decoder service (+ the
+caption service for t2i models).
 
-One vLLM request per image (prompt = the class token); token deltas stream back, previews are
+One vLLM request per image (prompt = the class token or the caption's embeddings); token
+deltas stream back, previews are
 real decodes of the rows generated so far, and the finished grid is decoded in micro-batches
 with other requests' grids. Admission control bounds the images in flight; a cancelled
 request (client gone) aborts its vLLM requests, which frees their KV blocks.
@@ -22,8 +24,9 @@ import numpy as np
 
 from model_registry.model_dir import ModelDir
 from server import metrics
+from server.captions import CaptionService
 from server.engine import engine_kwargs, has_cuda, prepare_environment
-from server.generation import SamplingOptions, class_prompt_ids, sampling_params
+from server.generation import Condition, SamplingOptions, sampling_params
 from server.settings import ServerSettings
 from vq_decoder.service import DecoderService
 
@@ -51,7 +54,7 @@ class Preview:
 @dataclass
 class Finished:
     index: int
-    label: int
+    condition: Condition
     seed: int | None
     tokens: list[int]
     pixels: np.ndarray
@@ -88,6 +91,7 @@ class ModelService:
         self.name = model.name
         self.engine: Any = None
         self.decoder: DecoderService | None = None
+        self.captions: CaptionService | None = None
         self.in_flight = 0  # images admitted and not finished
         self.last_progress = time.monotonic()
         self.throughput = metrics.ThroughputWindow(self.name)
@@ -102,6 +106,9 @@ class ModelService:
 
         if self.model.vq is None:
             raise ValueError(f"{self.model.path} has no VQ decoder: it cannot serve images")
+        if self.model.is_t2i and self.model.text_encoder is None:
+            raise ValueError(f"{self.model.path} is a t2i model without a text encoder: "
+                             "convert it with --text-encoder to serve text prompts")
         prepare_environment(self.settings, in_process=False)
         # Engines on one GPU split its memory (on CPU each sizes its own KV cache).
         share = self.settings.model_copy(update={
@@ -115,8 +122,21 @@ class ModelService:
             max_wait_s=self.settings.decoder_max_wait_ms / 1000,
             cpu_threads=None if has_cuda() else threads, on_batch=self._observe_decode)
         await self.decoder.start()
+        if self.model.is_t2i:
+            # The projection runs in the engine's dtype, as the original runs cap_proj.
+            dtype = self.engine.model_config.dtype
+            device = "cuda" if has_cuda() else "cpu"
+            self.captions = CaptionService(
+                self.model.load_text_encoder(device=device),
+                self.model.caption_projection(dtype, device),
+                max_batch_size=self.settings.text_encoder_max_batch,
+                max_wait_s=self.settings.text_encoder_max_wait_ms / 1000,
+                on_batch=self._observe_encode)
+            await self.captions.start()
 
     async def stop(self) -> None:
+        if self.captions is not None:
+            await self.captions.stop()
         if self.decoder is not None:
             await self.decoder.stop()
         if self.engine is not None:
@@ -125,6 +145,15 @@ class ModelService:
     def _observe_decode(self, batch: int, seconds: float) -> None:
         metrics.DECODER_BATCH.labels(self.name).observe(batch)
         metrics.DECODER_SECONDS.labels(self.name).observe(seconds)
+
+    def _observe_encode(self, batch: int, seconds: float) -> None:
+        metrics.TEXT_ENCODER_BATCH.labels(self.name).observe(batch)
+        metrics.TEXT_ENCODER_SECONDS.labels(self.name).observe(seconds)
+
+    async def encode_prompts(self, texts: list[str]) -> list[Condition]:
+        """t2i: captions -> conditions (cleaned, tokenised, encoded, projected)."""
+        assert self.captions is not None
+        return await self.captions.encode(texts)
 
     async def check_health(self) -> str | None:
         """None when healthy, else why not."""
@@ -161,19 +190,20 @@ class ModelService:
         self.in_flight += delta
         metrics.QUEUE_DEPTH.labels(self.name).set(self.in_flight)
 
-    async def generate(self, labels: list[int], options: SamplingOptions, *,
+    async def generate(self, conditions: list[Condition], options: SamplingOptions, *,
                        partial_images: int = 0, request_id: str | None = None
                        ) -> AsyncIterator[Preview | Finished]:
-        """Images for `labels`, run concurrently; yields previews and finished images as they
-        come. Closing the iterator (or cancelling its consumer) aborts what is unfinished."""
+        """One image per condition, run concurrently; yields previews and finished images as
+        they come. Closing the iterator (or cancelling its consumer) aborts what is
+        unfinished."""
         request_id = request_id or uuid.uuid4().hex
-        seeds = options.image_seeds(len(labels))
+        seeds = options.image_seeds(len(conditions))
         events: asyncio.Queue[Preview | Finished | BaseException] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._image(i, label, seed, options, partial_images,
+        tasks = [asyncio.create_task(self._image(i, condition, seed, options, partial_images,
                                                  f"{request_id}-{i}", events))
-                 for i, (label, seed) in enumerate(zip(labels, seeds, strict=True))]
+                 for i, (condition, seed) in enumerate(zip(conditions, seeds, strict=True))]
         try:
-            for _ in range(len(labels) * (partial_images + 1)):
+            for _ in range(len(conditions) * (partial_images + 1)):
                 event = await events.get()
                 if isinstance(event, BaseException):
                     raise event
@@ -183,10 +213,9 @@ class ModelService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _image(self, index: int, label: int, seed: int, options: SamplingOptions,
-                     partial_images: int, vllm_id: str,
+    async def _image(self, index: int, condition: Condition, seed: int,
+                     options: SamplingOptions, partial_images: int, vllm_id: str,
                      events: asyncio.Queue[Preview | Finished | BaseException]) -> None:
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         assert self.decoder is not None
@@ -194,7 +223,7 @@ class ModelService:
         start = time.monotonic()
         params = sampling_params(self.model, options, seed,
                                  output_kind=RequestOutputKind.DELTA)
-        prompt = TokensPrompt(prompt_token_ids=class_prompt_ids(self.model, label))
+        prompt = condition.prompt(self.model)
         pending_previews = preview_rows(grid, partial_images)
         tokens: list[int] = []
         finished = False
@@ -218,8 +247,8 @@ class ModelService:
             metrics.IMAGES_GENERATED.labels(self.name).inc()
             metrics.IMAGE_LATENCY.labels(self.name).observe(seconds)
             self.throughput.add()
-            await events.put(Finished(index, label, None if options.greedy else seed, tokens,
-                                      pixels, seconds))
+            await events.put(Finished(index, condition, None if options.greedy else seed,
+                                      tokens, pixels, seconds))
         except asyncio.CancelledError:
             if not finished:
                 metrics.ABORTED.labels(self.name).inc()

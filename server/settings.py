@@ -42,6 +42,10 @@ class ServerSettings(EngineSettings, BaseSettings):
     decoder_threads: int | None = Field(None, ge=1, description="CPU threads for VQ decoding "
                                         "(default: a quarter of the cores, at least 1)")
     decoder_compile: bool = Field(False, description="torch.compile the decoder (CUDA)")
+    text_encoder_max_batch: int = Field(32, ge=1, description="t2i: captions per T5 batch "
+                                        "(prompts of concurrent requests encode together)")
+    text_encoder_max_wait_ms: float = Field(2.0, ge=0, description="t2i: longest wait to "
+                                            "fill a caption batch")
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @model_validator(mode="after")

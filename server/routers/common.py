@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse
 
 from server import metrics
 from server.deps import until_disconnected
-from server.generation import SamplingOptions, image_provenance
+from server.generation import Condition, SamplingOptions, image_provenance
 from server.protocol import ImageTokensDetails, SamplingExtensions, Usage
 from server.service import ModelService, Reservation, ServiceError
 from server.settings import ServerSettings
@@ -41,32 +41,61 @@ def sampling_options(body: SamplingExtensions, **extra: Any) -> SamplingOptions:
         raise ServiceError(400, f"{param}: {err['msg']}", param=param) from None
 
 
-def resolve_label(service: ModelService, text: str | int, param: str) -> int:
+def check_task(service: ModelService, t2i: bool, param: str) -> None:
+    """A caption for a class-conditional model, or labels for a text-conditional one: 400."""
+    if service.model.is_t2i != t2i:
+        kind, wanted = (("text", "prompts") if service.model.is_t2i
+                        else ("class", "labels (class ids or names)"))
+        raise ServiceError(400, f"{service.name} is a {kind}-conditional model: send {wanted}",
+                           param=param, code="wrong_task")
+
+
+def class_conditions(service: ModelService, labels: list[int | str], param: str, *,
+                     indexed: bool = True) -> list[Condition]:
+    """Class ids or names -> conditions, or a 400 naming the bad one (`param.i` if indexed)."""
+    conditions = []
+    for i, text in enumerate(labels):
+        try:
+            conditions.append(Condition(label=service.model.resolve_label(text)))
+        except ValueError as e:
+            where = f"{param}.{i}" if indexed else param
+            raise ServiceError(400, str(e), param=where, code="unknown_class") from None
+    return conditions
+
+
+async def encode_prompts(service: ModelService, reservation: Reservation, prompts: list[str]
+                         ) -> list[Condition]:
+    """t2i prompts -> conditions, after admission (encoding costs compute); the reservation
+    is released if encoding fails."""
     try:
-        return service.model.resolve_label(text)
-    except ValueError as e:
-        raise ServiceError(400, str(e), param=param, code="unknown_class") from None
+        return await service.encode_prompts(prompts)
+    except BaseException:
+        reservation.release()
+        raise
 
 
 async def b64_image(service: ModelService, pixels: Any, options: SamplingOptions,
-                    seed: int | None, label: int, fmt: str, compression: int | None) -> str:
-    data = await encoded_image(service, pixels, options, seed, label, fmt, compression)
+                    seed: int | None, condition: Condition, fmt: str,
+                    compression: int | None) -> str:
+    data = await encoded_image(service, pixels, options, seed, condition, fmt, compression)
     return base64.b64encode(data).decode()
 
 
 async def encoded_image(service: ModelService, pixels: Any, options: SamplingOptions,
-                        seed: int | None, label: int, fmt: str, compression: int | None
-                        ) -> bytes:
-    metadata = image_provenance(service.model, options, seed, label)
+                        seed: int | None, condition: Condition, fmt: str,
+                        compression: int | None) -> bytes:
+    metadata = image_provenance(service.model, options, seed, condition)
     # Off the event loop: PNG compression of a large image takes milliseconds.
     return await asyncio.to_thread(encode_image, pixels, fmt, metadata=metadata,  # type: ignore[arg-type]
                                    compression=compression)
 
 
-def usage(service: ModelService, images: int) -> Usage:
-    g = service.model.gpt
-    inputs, outputs = images * g.cls_token_num, images * g.block_size
-    return Usage(input_tokens=inputs, input_tokens_details=ImageTokensDetails(),
+def usage(service: ModelService, conditions: list[Condition]) -> Usage:
+    """Input tokens: the class token, or the caption's T5 tokens; output: the image tokens."""
+    inputs = sum(c.input_tokens for c in conditions)
+    outputs = len(conditions) * service.model.gpt.block_size
+    text = inputs if service.model.is_t2i else 0
+    return Usage(input_tokens=inputs, input_tokens_details=ImageTokensDetails(text_tokens=text),
                  output_tokens=outputs, total_tokens=inputs + outputs,
                  output_tokens_details=ImageTokensDetails(image_tokens=outputs))
 

@@ -1,4 +1,5 @@
-"""The native API: POST /v1/generate, batch class-conditional generation with token ids."""
+"""The native API: POST /v1/generate, batch generation (one image per label or prompt) with
+token ids."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from server.protocol import ClassList, NativeGenerateRequest, NativeGenerateResp
 from server.routers.common import (
     b64_image,
     check_count,
-    resolve_label,
+    check_task,
+    class_conditions,
+    encode_prompts,
     respond,
     sampling_options,
     sse,
@@ -33,42 +36,53 @@ ENDPOINT = "generate"
 
 async def _native_image(service: ModelService, body: NativeGenerateRequest, options,
                         event: Finished) -> NativeImage:
+    label = event.condition.label
     return NativeImage(
-        index=event.index, class_label=event.label,
-        class_name=service.model.class_names[event.label], seed=event.seed,
-        b64_json=await b64_image(service, event.pixels, options, event.seed, event.label,
+        index=event.index, class_label=label,
+        class_name=None if label is None else service.model.class_names[label],
+        prompt=event.condition.caption, seed=event.seed,
+        b64_json=await b64_image(service, event.pixels, options, event.seed, event.condition,
                                  body.output_format, body.output_compression),
         tokens=event.tokens if body.return_tokens else None, seconds=round(event.seconds, 4))
 
 
 @router.get("/classes")
 def classes(model: str | None = None, state: AppState = Depends(get_state)) -> ClassList:
-    """The class names a model draws (the playground's autocompletion)."""
+    """The class names a model draws (the playground's autocompletion; none for t2i)."""
     service = resolve_service(state, model)
-    return ClassList(model=service.name, classes=service.model.class_names)
+    return ClassList(model=service.name,
+                     classes=[] if service.model.is_t2i else service.model.class_names)
 
 
 @router.post("/generate", response_model=None)
 async def generate(body: NativeGenerateRequest, request: Request,
                    state: AppState = Depends(accepting)
                    ) -> NativeGenerateResponse | EventSourceResponse:
-    """One image per label. Streaming sends `partial_image` events (image_index,
-    partial_image_index, b64_json) and one `image` event per finished image, then `done`."""
+    """One image per label (c2i) or prompt (t2i). Streaming sends `partial_image` events
+    (image_index, partial_image_index, b64_json) and one `image` event per finished image,
+    then `done`."""
     service = resolve_service(state, body.model)
-    check_count(len(body.labels), state.settings, "labels")
-    labels = [resolve_label(service, text, f"labels.{i}") for i, text in enumerate(body.labels)]
+    param = "labels" if body.labels is not None else "prompts"
+    check_count(body.count, state.settings, param)
+    check_task(service, body.prompts is not None, param)
     options = sampling_options(body, greedy=body.greedy)
-    reservation = service.admit(len(labels))
-    request_id = request.state.request_id
     started, created = time.monotonic(), int(time.time())
+    if body.prompts is not None:
+        reservation = service.admit(body.count)
+        conditions = await encode_prompts(service, reservation, body.prompts)
+    else:
+        assert body.labels is not None
+        conditions = class_conditions(service, body.labels, "labels")
+        reservation = service.admit(body.count)
+    request_id = request.state.request_id
 
     if body.stream:
         async def events() -> AsyncIterator[dict[str, str]]:
-            async for event in service.generate(labels, options, request_id=request_id,
+            async for event in service.generate(conditions, options, request_id=request_id,
                                                 partial_images=body.partial_images):
                 if isinstance(event, Preview):
                     b64 = await b64_image(service, event.pixels, options, None,
-                                          labels[event.index], body.output_format,
+                                          conditions[event.index], body.output_format,
                                           body.output_compression)
                     yield sse({"type": "partial_image", "image_index": event.index,
                                "partial_image_index": event.partial_index, "b64_json": b64})
@@ -81,7 +95,8 @@ async def generate(body: NativeGenerateRequest, request: Request,
 
     async def collect() -> list[NativeImage]:
         images = [await _native_image(service, body, options, event)
-                  async for event in service.generate(labels, options, request_id=request_id)
+                  async for event in service.generate(conditions, options,
+                                                      request_id=request_id)
                   if isinstance(event, Finished)]
         return sorted(images, key=lambda image: image.index)
 

@@ -29,8 +29,9 @@ from server.protocol import (
 from server.routers.common import (
     b64_image,
     check_count,
+    class_conditions,
+    encode_prompts,
     encoded_image,
-    resolve_label,
     respond,
     sampling_options,
     sse,
@@ -47,8 +48,10 @@ STARTED = int(time.time())
 @router.get("/models")
 def list_models(state: AppState = Depends(get_state)) -> ModelList:
     return ModelList(data=[
-        ModelCard(id=name, created=STARTED, image_size=s.model.image_size,
-                  num_classes=s.model.gpt.num_classes, max_model_len=s.model.max_model_len)
+        ModelCard(id=name, created=STARTED, task=s.model.gpt.model_type,
+                  image_size=s.model.image_size,
+                  num_classes=0 if s.model.is_t2i else s.model.gpt.num_classes,
+                  max_model_len=s.model.max_model_len)
         for name, s in state.services.items()])
 
 
@@ -66,26 +69,32 @@ async def create_image(body: ImageGenerationRequest, request: Request,
     service = resolve_service(state, body.model)
     check_count(body.n, state.settings, "n")
     _check_size(service, body.size)
-    label = resolve_label(service, body.prompt, "prompt")
     options = sampling_options(body)
-    labels = [label] * body.n
-    reservation = service.admit(body.n)
-    request_id = request.state.request_id
     started = time.monotonic()
+    if service.model.is_t2i:
+        reservation = service.admit(body.n)
+        condition = (await encode_prompts(service, reservation, [body.prompt]))[0]
+    else:
+        condition = class_conditions(service, [body.prompt], "prompt", indexed=False)[0]
+        reservation = service.admit(body.n)
+    conditions = [condition] * body.n
+    label, revised = condition.label, condition.caption
+    request_id = request.state.request_id
     created = int(time.time())
 
     if body.stream:
         async def events() -> AsyncIterator[dict[str, str]]:
-            async for event in service.generate(labels, options, request_id=request_id,
+            async for event in service.generate(conditions, options, request_id=request_id,
                                                 partial_images=body.partial_images):
                 b64 = await b64_image(service, event.pixels, options,
-                                      getattr(event, "seed", None), label,
+                                      getattr(event, "seed", None), condition,
                                       body.output_format, body.output_compression)
                 if isinstance(event, Finished):
                     yield sse(CompletedEvent(
                         b64_json=b64, created_at=int(time.time()), size=service.size,
-                        output_format=body.output_format, usage=usage(service, 1),
-                        image_index=event.index, seed=event.seed, class_label=label))
+                        output_format=body.output_format, usage=usage(service, [condition]),
+                        image_index=event.index, seed=event.seed, class_label=label,
+                        revised_prompt=revised))
                 else:
                     yield sse(PartialImageEvent(
                         b64_json=b64, partial_image_index=event.partial_index,
@@ -96,26 +105,29 @@ async def create_image(body: ImageGenerationRequest, request: Request,
 
     async def collect() -> list[Image]:
         images: list[Image | None] = [None] * body.n
-        async for event in service.generate(labels, options, request_id=request_id):
+        async for event in service.generate(conditions, options, request_id=request_id):
             assert isinstance(event, Finished)
             if body.response_format == "url":
                 assert state.images is not None
-                data = await encoded_image(service, event.pixels, options, event.seed, label,
-                                           body.output_format, body.output_compression)
+                data = await encoded_image(service, event.pixels, options, event.seed,
+                                           condition, body.output_format,
+                                           body.output_compression)
                 name = state.images.save(data, body.output_format)
                 base = state.settings.public_url or str(request.base_url)
                 images[event.index] = Image(url=f"{base.rstrip('/')}/v1/images/files/{name}",
-                                            seed=event.seed, class_label=label)
+                                            seed=event.seed, class_label=label,
+                                            revised_prompt=revised)
             else:
                 images[event.index] = Image(
-                    b64_json=await b64_image(service, event.pixels, options, event.seed, label,
-                                             body.output_format, body.output_compression),
-                    seed=event.seed, class_label=label)
+                    b64_json=await b64_image(service, event.pixels, options, event.seed,
+                                             condition, body.output_format,
+                                             body.output_compression),
+                    seed=event.seed, class_label=label, revised_prompt=revised)
         return [img for img in images if img is not None]
 
     data = await respond(request, service, ENDPOINT, reservation, started, collect())
     return ImagesResponse(created=created, data=data, output_format=body.output_format,
-                          size=service.size, usage=usage(service, body.n))
+                          size=service.size, usage=usage(service, conditions))
 
 
 @router.get("/images/files/{name}")

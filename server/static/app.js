@@ -38,15 +38,24 @@ async function loadModels() {
   select.replaceChildren();
   for (const model of (await response.json()).data) {
     const option = new Option(`${model.id} (${model.image_size}px)`, model.id);
+    option.dataset.task = model.task;
     select.append(option);
   }
   if (current) select.value = current;
   await loadClasses();
 }
 
+function isTextModel() {
+  const option = $("model").selectedOptions[0];
+  return option !== undefined && option.dataset.task === "t2i";
+}
+
 async function loadClasses() {
   const model = $("model").value;
   if (!model) return;
+  // A text-conditional model takes a caption: no class list to complete from.
+  $("prompt-label").textContent = isTextModel() ? "Prompt" : "Class";
+  $("prompt").placeholder = isTextModel() ? "a caption" : "a class name or id";
   const response = await fetch(`/v1/classes?model=${encodeURIComponent(model)}`,
     { headers: headers() });
   if (!response.ok) return;
@@ -72,14 +81,16 @@ function makeTile(index, total) {
 function finishTile(tile, image, request) {
   const img = tile.querySelector("img");
   img.src = `data:image/png;base64,${image.b64_json}`;
-  img.alt = `${image.class_name}, seed ${image.seed ?? "greedy"}`;
+  const subject = image.class_name ?? image.prompt;  // c2i: the class; t2i: the caption
+  img.alt = `${subject}, seed ${image.seed ?? "greedy"}`;
   tile.classList.add("done");
   const caption = tile.querySelector("figcaption");
   const info = document.createElement("span");
-  info.textContent = `${image.class_name} · seed ${image.seed ?? "–"} · ${image.seconds.toFixed(2)} s`;
+  info.textContent = `${subject} · seed ${image.seed ?? "–"} · ${image.seconds.toFixed(2)} s`;
   const download = document.createElement("a");
   download.href = img.src;  // the PNG bytes as served: provenance metadata intact
-  download.download = `llamagen_${image.class_label}_${image.seed ?? "greedy"}.png`;
+  const stem = image.class_label ?? "t2i";
+  download.download = `llamagen_${stem}_${image.seed ?? "greedy"}.png`;
   download.textContent = "Download";
   const again = document.createElement("button");
   again.type = "button";
@@ -125,7 +136,7 @@ async function generate(event) {
   const prompt = $("prompt").value.trim();
   const request = {
     model: $("model").value || undefined,
-    labels: Array(n).fill(prompt),
+    [isTextModel() ? "prompts" : "labels"]: Array(n).fill(prompt),
     cfg_scale: Number($("cfg").value),
     top_k: Number($("topk").value),
     temperature: Number($("temperature").value),

@@ -1,0 +1,147 @@
+"""Serving a t2i model: text prompts through the OpenAI and native APIs, tokens equal to the
+reference's for the same captions, the original's truncation, and clear errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from model_registry.convert import convert
+from model_registry.generate import generate
+from model_registry.synthetic import save_gpt_checkpoint, save_tiny_t5, save_vq_checkpoint
+from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
+from vq_decoder.encoding import read_metadata
+
+from .conftest import TINY_VQ
+from .server_harness import API_KEY, ServerProcess, metric
+from .test_t2i import TINY_T2I
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+LONG = " ".join(["a photo of two dogs running on the beach at night"] * 20)
+
+
+@pytest.fixture(scope="module")
+def t2i_model(tmp_path_factory):
+    from model_registry.configs import GPTConfig
+
+    root = tmp_path_factory.mktemp("t2i_served")
+    t5 = save_tiny_t5(root / "t5", d_model=TINY_T2I["caption_dim"])
+    return convert(save_gpt_checkpoint(GPTConfig(**TINY_T2I), root / "gpt.pt", seed=5),
+                   json.dumps(TINY_T2I), root / "captions",
+                   vq_checkpoint=save_vq_checkpoint(TINY_VQ, root / "vq.pt", seed=5),
+                   vq_model=json.dumps(TINY_VQ.to_dict()), text_encoder=str(t5))
+
+
+@pytest.fixture(scope="module")
+def server(t2i_model, tmp_path_factory):
+    with ServerProcess([t2i_model.path], tmp_path_factory.mktemp("server"),
+                       "--max-num-seqs", "4") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def reference_tokens(model, prompts: list[str], cfg_scale: float) -> list[list[int]]:
+    captions = model.load_text_encoder().encode(prompts)
+    features, masks = left_pad([c.features for c in captions])
+    return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
+                    greedy=True).tolist()
+
+
+def native(server, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/generate", json=body, headers=AUTH, timeout=120)
+
+
+def test_models_say_the_task(client):
+    (card,) = client.models.list().data
+    assert card.model_extra["task"] == "t2i" and card.model_extra["num_classes"] == 0
+
+
+def test_native_prompts_give_the_reference_tokens(server, t2i_model):
+    prompts = ["a red cat", "cat", LONG]
+    response = native(server, {"prompts": prompts, "greedy": True, "cfg_scale": 7.5,
+                                "return_tokens": True})
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert [img["prompt"] for img in images] == [clean_caption(p) for p in prompts]
+    assert all(img["class_label"] is None for img in images)
+    assert [img["tokens"] for img in images] == reference_tokens(t2i_model, prompts, 7.5)
+
+
+def test_openai_client_text_prompt(client, t2i_model):
+    result = client.images.generate(model="captions", prompt="A <b>Blue</b> house by the sea",
+                                    n=2, extra_body={"seed": 7, "cfg_scale": 4.0})
+    assert len(result.data) == 2 and result.size == "128x128"
+    tokens = len(t2i_model.load_text_encoder().encode(["a blue house by the sea"])[0].token_ids)
+    assert result.usage.input_tokens == 2 * tokens
+    assert result.usage.input_tokens_details.text_tokens == 2 * tokens
+    for img in result.data:
+        assert img.revised_prompt == "a blue house by the sea"
+        data = base64.b64decode(img.b64_json)
+        assert Image.open(io.BytesIO(data)).size == (128, 128)
+        meta = read_metadata(data)
+        assert meta["prompt"] == "a blue house by the sea" and "class_label" not in meta
+
+
+def test_over_long_prompt_is_truncated_to_120_tokens(client):
+    result = client.images.generate(model="captions", prompt=LONG, n=1,
+                                    extra_body={"temperature": 0})
+    assert result.usage.input_tokens == T5_MAX_LENGTH
+
+
+def test_streaming_partial_images(server):
+    with httpx.stream("POST", f"{server.url}/v1/images/generations", headers=AUTH, timeout=120,
+                      json={"prompt": "a green tree", "stream": True, "partial_images": 2}
+                      ) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[5:]) for line in response.iter_lines()
+                  if line.startswith("data:")]
+    assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    assert events[-1]["revised_prompt"] == "a green tree"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+])
+def test_empty_prompt_is_a_400(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="captions", **body)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+
+
+@pytest.mark.parametrize("body,code", [
+    ({"prompts": ["a cat", " "]}, "invalid_value"),
+    ({"labels": [1]}, "wrong_task"),
+    ({"labels": [1], "prompts": ["a cat"]}, "invalid_value"),
+    ({"prompts": []}, "invalid_value"),
+])
+def test_native_bad_prompts(server, body, code):
+    response = native(server, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_text_encoder_metrics(server):
+    samples = server.metrics()
+    assert metric(samples, "llamagen_text_encoder_batch_size_count") >= 1
+    assert metric(samples, "llamagen_text_encoder_seconds_count") >= 1
+
+
+def test_caption_features_match_the_reference_encoder(t2i_model):
+    """What the server projects is what the original would: the same T5 rows, padded to 120."""
+    captions = t2i_model.load_text_encoder().encode(["a cat", LONG])
+    features, masks = left_pad([c.features for c in captions])
+    assert masks.sum(1).tolist() == [3, T5_MAX_LENGTH]
+    assert torch.equal(features[0, :-3], torch.zeros(T5_MAX_LENGTH - 3, TINY_T2I["caption_dim"]))
