@@ -1,9 +1,13 @@
 """`llamagen bench offline`: the vLLM engine against the reference loop, in one run.
 
 Both generate the same images (random-weight models in the official format, converted like a
-real checkpoint) with the same dtype, batch sizes and sampling settings (cfg 4.0, top-k 2000,
-temperature 1: the original demo's), one after the other in this process, so machine noise
-hits both; the table reports images/s and their ratio. Token generation only: no VQ decode.
+real checkpoint) with the same dtype, batch sizes and sampling settings, one after the other in
+this process, so machine noise hits both; the table reports images/s and their ratio. Token
+generation only: no VQ decode, no text encoding.
+
+c2i: cfg 4.0, top-k 2000, temperature 1 (the original demo's). t2i (`--task t2i`): cfg 7.5,
+top-k 1000 (sample_t2i.py's), random caption features of mixed lengths (CAPTION_LENGTHS T5
+tokens), left-padded with masks for the reference, the valid rows only for the engine.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from model_registry.configs import GPT_MODELS, GPTConfig, task_config
 from model_registry.convert import convert
 from model_registry.generate import generate
 from model_registry.synthetic import save_gpt_checkpoint
+from model_registry.text_encoder import left_pad
 from server.engine import TORCH_DTYPES, EngineSettings, build_llm
 from server.generation import OfflineGenerator, SamplingOptions
 
@@ -28,7 +33,10 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=4, n_head=4, dim=256),
     **GPT_MODELS,
 }
-OPTIONS = SamplingOptions(cfg_scale=4.0, top_k=2000, temperature=1.0, seed=0)
+OPTIONS = {"c2i": SamplingOptions(cfg_scale=4.0, top_k=2000, temperature=1.0, seed=0),
+           "t2i": SamplingOptions(cfg_scale=7.5, top_k=1000, temperature=1.0, seed=0)}
+# Typical prompts are a sentence: 8-50 T5 tokens; cycled over a batch.
+CAPTION_LENGTHS = (12, 20, 32, 48)
 
 
 def _timed(fn) -> float:
@@ -37,28 +45,46 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path) -> list[dict]:
-    config = GPTConfig(**SIZES[size], **task_config("c2i", 256))
+def conditions(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
+    """Class labels (c2i) or valid caption feature rows (t2i) for n images."""
+    if config.model_type == "c2i":
+        return [i % config.num_classes for i in range(n)]
+    g = torch.Generator().manual_seed(n)
+    return [(0.25 * torch.randn(CAPTION_LENGTHS[i % len(CAPTION_LENGTHS)], config.caption_dim,
+                                generator=g)).to(dtype) for i in range(n)]
+
+
+def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
+               task: str = "c2i") -> list[dict]:
+    config = GPTConfig(**SIZES[size], **task_config(task, 256))
+    options = OPTIONS[task]
     ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
     model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
     ckpt.unlink()
     llm = build_llm(model, EngineSettings(dtype=dtype, max_num_seqs=max(batch_sizes)))
     engine = OfflineGenerator(model, llm)
-    reference = model.load_reference(dtype=TORCH_DTYPES[dtype])
+    torch_dtype = TORCH_DTYPES[dtype]
+    reference = model.load_reference(dtype=torch_dtype)
     generator = torch.Generator().manual_seed(0)
 
-    def run_reference(labels: list[int]) -> None:
-        generate(reference, torch.tensor(labels), cfg_scale=OPTIONS.cfg_scale,
-                 top_k=OPTIONS.top_k, temperature=OPTIONS.temperature, generator=generator)
+    def run_reference(conds: list) -> None:
+        if task == "c2i":
+            cond, masks = torch.tensor(conds), None
+        else:
+            cond, masks = left_pad(conds)
+        generate(reference, cond, emb_masks=masks, cfg_scale=options.cfg_scale,
+                 top_k=options.top_k, temperature=options.temperature, generator=generator)
 
-    engine.generate([0], OPTIONS)  # warm-up: first-call allocations
-    run_reference([0])
+    warm = conditions(config, 1, torch_dtype)
+    engine.generate(warm, options)  # warm-up: first-call allocations
+    run_reference(warm)
     rows = []
     for bs in batch_sizes:
-        labels = [i % config.num_classes for i in range(bs)]
-        t_engine = _timed(lambda labels=labels: engine.generate(labels, OPTIONS))
-        t_ref = _timed(lambda labels=labels: run_reference(labels))
-        row = {"size": size, "dtype": dtype, "batch": bs, "tokens_per_image": config.block_size,
+        conds = conditions(config, bs, torch_dtype)
+        t_engine = _timed(lambda conds=conds: engine.generate(conds, options))
+        t_ref = _timed(lambda conds=conds: run_reference(conds))
+        row = {"size": size, "task": task, "dtype": dtype, "batch": bs,
+               "tokens_per_image": config.block_size,
                "engine_s": round(t_engine, 3), "reference_s": round(t_ref, 3),
                "engine_images_per_s": round(bs / t_engine, 3),
                "reference_images_per_s": round(bs / t_ref, 3),
@@ -69,7 +95,7 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path) -> 
 
 
 def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
-                          json_out: Path, markdown_out: Path) -> list[dict]:
+                          json_out: Path, markdown_out: Path, task: str = "c2i") -> list[dict]:
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise ValueError(f"unknown size(s) {unknown}; choose from {', '.join(SIZES)}")
@@ -77,26 +103,31 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="llamagen-bench-") as tmp:
         for size in sizes:
-            rows += bench_size(size, batch_sizes, dtype, Path(tmp))
+            rows += bench_size(size, batch_sizes, dtype, Path(tmp), task)
             gc.collect()  # free this size's engine before the next starts
-    result = {"benchmark": "offline", "command": command_line(), "machine": info,
-              "sampling": OPTIONS.model_dump(), "rows": rows}
+    options = OPTIONS[task]
+    result = {"benchmark": "offline", "task": task, "command": command_line(), "machine": info,
+              "sampling": options.model_dump(), "rows": rows}
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=1))
+    condition = ("class-conditional (1 condition token)" if task == "c2i" else
+                 "text-conditional (120-slot caption prefix; random caption features of "
+                 f"{', '.join(map(str, CAPTION_LENGTHS))} valid tokens, cycled)")
     lines = [
-        "## Offline generation: vLLM engine vs reference loop",
+        f"## Offline generation ({task}): vLLM engine vs reference loop",
         "",
         f"Command: `{result['command']}` ({info['date']}; {info['cpu']}, {info['cores']} cores, "
         f"GPU {info['gpu']}; torch {info['torch']}, vLLM {info['vllm']}).",
-        "256x256 images (16x16 = 256 tokens each), random weights, cfg 4.0, top-k 2000, "
-        "temperature 1; token generation only. The reference is the original two-row CFG loop "
-        "with a static KV cache (`model_registry/generate.py`). Raw data: "
-        f"`{json_out}`.",
+        f"256x256 images (16x16 = 256 tokens each), {condition}, random weights, "
+        f"cfg {options.cfg_scale}, top-k {options.top_k}, temperature 1; token generation "
+        "only. The reference is the original two-row CFG loop with a static KV cache "
+        f"(`model_registry/generate.py`). Raw data: `{json_out}`.",
         "",
         "| model | dtype | batch | engine images/s | reference images/s | engine / reference |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['size']} | {r['dtype']} | {r['batch']} | {r['engine_images_per_s']} | "
               f"{r['reference_images_per_s']} | {r['speedup']}x |" for r in rows]
-    write_section(markdown_out, "offline", "\n".join(lines))
+    write_section(markdown_out, "offline" if task == "c2i" else f"offline-{task}",
+                  "\n".join(lines))
     return rows

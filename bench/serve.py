@@ -261,11 +261,13 @@ def offline_ceiling(model_dir: Path, concurrency: int, images: int, dtype: str) 
     both with the VQ decode the server also does, in this process."""
     import torch
 
-    from bench.offline import OPTIONS
+    from bench.offline import OPTIONS as TASK_OPTIONS
     from model_registry.generate import generate
     from model_registry.model_dir import load_model_dir
     from server.engine import TORCH_DTYPES, EngineSettings, build_llm, resolve_dtype
     from server.generation import OfflineGenerator
+
+    OPTIONS = TASK_OPTIONS["c2i"]
 
     model = load_model_dir(model_dir)
     dtype = resolve_dtype(dtype)  # type: ignore[arg-type]

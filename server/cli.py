@@ -257,8 +257,10 @@ def run_server(app: Any, settings: Any) -> None:
 def cmd_bench_offline(args: argparse.Namespace) -> None:
     from bench.offline import run_offline_benchmark
 
+    json_out = args.json_out or f"docs/bench_offline{'' if args.task == 'c2i' else '_t2i'}.json"
     run_offline_benchmark(sizes=args.sizes, batch_sizes=args.batch_sizes, dtype=args.dtype,
-                          json_out=Path(args.json_out), markdown_out=Path(args.markdown_out))
+                          json_out=Path(json_out), markdown_out=Path(args.markdown_out),
+                          task=args.task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", nargs="+", default=["tiny", "GPT-B"])
     b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--json-out", default="docs/bench_offline.json")
+    b.add_argument("--task", default="c2i", choices=["c2i", "t2i"],
+                   help="class- or text-conditional models (t2i: random caption features)")
+    b.add_argument("--json-out", help="default: docs/bench_offline.json (c2i), "
+                   "docs/bench_offline_t2i.json (t2i)")
     b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")
     b.set_defaults(func=cmd_bench_offline)
     b = bench.add_parser("serve", help="load-test a running server (httpx, async)")
