@@ -128,6 +128,27 @@ def test_engine_matches_reference_with_mixed_caption_lengths(tiny_t2i, tiny_capt
     assert tokens[2] == tokens[-1]
 
 
+def test_parity_under_preemption(tiny_t2i, engine_factory):
+    """Long captions and a KV cache for two of them, six running: preempted requests are
+    recomputed from their prompt embeddings at the same per-request positions."""
+    from vllm.v1.metrics.reader import Counter
+
+    from server.engine import EngineSettings, cpu_kv_cache_bytes
+
+    g = torch.Generator().manual_seed(11)
+    valid = [torch.randn(n, TINY_T2I["caption_dim"], generator=g)
+             for n in (70, 90, 110, 120, 100, 80)]
+    kv_gib = cpu_kv_cache_bytes(tiny_t2i, EngineSettings(max_num_seqs=2), "float32") / 2**30
+    llm = engine_factory(tiny_t2i, max_num_seqs=6, kv_cache_gib=kv_gib,
+                         disable_log_stats=False, enable_prefix_caching=False)
+    tokens, _ = OfflineGenerator(tiny_t2i, llm).generate(
+        valid, SamplingOptions(cfg_scale=4.0, greedy=True))
+    assert tokens == reference_tokens(tiny_t2i, valid, 4.0)
+    preemptions = sum(m.value for m in llm.get_metrics()
+                      if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
+    assert preemptions > 0
+
+
 def test_padding_is_invisible_to_the_image(tiny_t2i, tiny_captions):
     """The reference with masks differs from one that lets image tokens see padded slots:
     the masking is what the parity above pins down."""
