@@ -97,19 +97,37 @@ def clean_caption(text: str) -> str:
     return _clean_once(_clean_once(text))
 
 
+def fetch_text_encoder(repo_id: str) -> Path:
+    """A hub text encoder's config, tokenizer and weights in the hub cache (downloaded if the
+    network allows), so a server with HF_HUB_OFFLINE=1 loads it from there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.model", "*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):  # older repos ship PyTorch pickles only
+            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.model",
+                                                                     "*.bin"]))
+    except Exception as e:
+        raise ConfigError(f"cannot get text encoder {repo_id!r} (not a local directory, not "
+                          f"in the hub cache, no network?): {type(e).__name__}: {e}") from None
+    return folder
+
+
 def text_encoder_section(spec: str, gpt: GPTConfig) -> dict[str, Any]:
-    """The config.json entry for a t2i model's text encoder; a local directory is checked."""
+    """The config.json entry for a t2i model's text encoder: a local directory, or a hub name
+    fetched into the hub cache now; its feature width must be the GPT's caption_dim."""
     path = Path(spec).expanduser()
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"text encoder directory {path} has no config.json")
-        d_model = json.loads(config_file.read_text()).get("d_model")
-        if d_model != gpt.caption_dim:
-            raise ConfigError(f"text encoder {path} gives {d_model}-wide features; the GPT's "
-                              f"caption_dim is {gpt.caption_dim}")
-        spec = str(path.resolve())
-    return {"name_or_path": spec, "max_length": T5_MAX_LENGTH, "caption_dim": gpt.caption_dim}
+    folder = path if path.is_dir() else fetch_text_encoder(spec)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"text encoder {spec} has no config.json")
+    d_model = json.loads(config_file.read_text()).get("d_model")
+    if d_model != gpt.caption_dim:
+        raise ConfigError(f"text encoder {spec} gives {d_model}-wide features; the GPT's "
+                          f"caption_dim is {gpt.caption_dim}")
+    name = str(path.resolve()) if path.is_dir() else spec
+    return {"name_or_path": name, "max_length": T5_MAX_LENGTH, "caption_dim": gpt.caption_dim}
 
 
 def left_pad(valid: list[torch.Tensor], length: int = T5_MAX_LENGTH

@@ -173,3 +173,15 @@ def test_convert_records_the_text_encoder_and_per_request_positions(tiny_t2i, tm
     with pytest.raises(ConfigError, match="class names"):
         convert(ckpt, json.dumps(TINY_T2I), tmp_path / "out", class_names=ckpt)
 
+
+def test_convert_fetches_a_hub_text_encoder_or_says_why_not(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # Offline with an empty cache, whatever the machine (huggingface_hub reads its
+    # environment once, at import).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    ckpt = save_gpt_checkpoint(GPTConfig(**TINY_T2I), tmp_path / "t2i.pt")
+    with pytest.raises(ConfigError, match="cannot get text encoder 'google/flan-t5-xl'"):
+        convert(ckpt, json.dumps(TINY_T2I), tmp_path / "out", text_encoder="google/flan-t5-xl")
+
