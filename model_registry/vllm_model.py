@@ -58,6 +58,7 @@ from vllm.sequence import IntermediateTensors
 from model_registry.configs import GPTConfig, padded_head_size
 from model_registry.gpt import precompute_freqs_cis_2d
 from model_registry.plugin import CFG_PROCESSOR
+from model_registry.text_encoder import T5_MAX_LENGTH
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -175,7 +176,8 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
             # The null stream's condition rows, cap_proj(uncond_embedding), made by
             # load_weights. Conditional captions are projected by the front-end (they arrive
             # as prompt embeddings), so cap_proj itself has no other use here.
-            self.register_buffer("null_caption", torch.zeros(120, config.dim), persistent=False)
+            self.register_buffer("null_caption", torch.zeros(T5_MAX_LENGTH, config.dim),
+                                 persistent=False)
         else:
             self.cls_embedding = nn.Module()
             self.cls_embedding.embedding_table = VocabParallelEmbedding(

@@ -185,3 +185,28 @@ def test_convert_fetches_a_hub_text_encoder_or_says_why_not(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="cannot get text encoder 'google/flan-t5-xl'"):
         convert(ckpt, json.dumps(TINY_T2I), tmp_path / "out", text_encoder="google/flan-t5-xl")
 
+
+
+def test_cli_convert_then_generate_prompts(tmp_path, tiny_t2i):
+    """`llamagen convert --text-encoder` then `llamagen generate --prompts`, end to end."""
+    from .test_cli import assert_one_line_error, run_cli
+
+    ckpt = save_gpt_checkpoint(GPTConfig(**TINY_T2I), tmp_path / "t2i.pt", seed=3)
+    (tmp_path / "gpt.json").write_text(json.dumps(TINY_T2I))
+    t5 = tiny_t2i.text_encoder["name_or_path"]
+    result = run_cli("convert", "--gpt-checkpoint", str(ckpt), "--gpt-model",
+                     str(tmp_path / "gpt.json"), "--text-encoder", t5,
+                     "--out", str(tmp_path / "model"))
+    assert result.returncode == 0 and "text encoder" in result.stdout, result.stderr
+    prompts = ["a dog on the beach", "two birds flying over the sea at night"]
+    tokens_out = tmp_path / "tokens.json"
+    result = run_cli("generate", "--model", str(tmp_path / "model"), "--prompts", *prompts,
+                     "--cfg-scale", "7.5", "--greedy", "--dtype", "float32",
+                     "--tokens-out", str(tokens_out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["prompts"] == prompts
+    valid = [c.features for c in tiny_t2i.load_text_encoder().encode(prompts)]
+    assert json.loads(tokens_out.read_text()) == reference_tokens(tiny_t2i, valid, 7.5)
+    result = run_cli("generate", "--model", str(tmp_path / "model"), "--labels", "3",
+                     "--tokens-out", str(tokens_out))
+    assert_one_line_error(result, "text-conditional: give --prompts")
