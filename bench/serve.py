@@ -270,6 +270,9 @@ def offline_ceiling(model_dir: Path, concurrency: int, images: int, dtype: str) 
     OPTIONS = TASK_OPTIONS["c2i"]
 
     model = load_model_dir(model_dir)
+    if model.is_t2i:
+        raise ValueError("--offline-model compares class-conditional models; for t2i engine "
+                         "vs reference use `llamagen bench offline --task t2i`")
     dtype = resolve_dtype(dtype)  # type: ignore[arg-type]
     labels = [i % model.gpt.num_classes for i in range(images)]
     decoder = model.vq_decoder()
