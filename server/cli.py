@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, ServerSettings)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("train-demo", help="train the embedded demo model (~25 min, 2 cores)")
+    p = sub.add_parser("train-demo", help="train the embedded demo model (~21 min, 2 cores)")
     p.add_argument("--out", help="model directory to write (default: the embedded demo)")
     p.add_argument("--work", help="keep the official-format checkpoints here")
     p.add_argument("--seed", type=int, default=0)

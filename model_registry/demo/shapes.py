@@ -57,7 +57,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _mask(shape: str, rng: np.random.Generator, size: int) -> Image.Image:
-    radius = rng.uniform(0.18, 0.34) * size
+    radius = rng.uniform(0.25, 0.36) * size
     margin = radius * 1.05
     cx, cy = rng.uniform(margin, size - margin, size=2)
     angle = rng.uniform(0, 2 * math.pi)

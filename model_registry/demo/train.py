@@ -1,4 +1,4 @@
-"""Train the embedded demo model: `llamagen train-demo` (about 25 minutes on 2 CPU cores).
+"""Train the embedded demo model: `llamagen train-demo` (about 21 minutes on 2 CPU cores).
 
 1. Render the shapes dataset (model_registry/demo/shapes.py).
 2. Train a small VQ tokenizer with the real VQ code (VQModel, a smaller VQConfig).
@@ -50,7 +50,7 @@ class TrainSettings:
     vq_lr: float = 1e-3
     gpt_steps: int = 1100
     gpt_batch: int = 128
-    gpt_lr: float = 1e-3
+    gpt_lr: float = 2e-3
     classifier_steps: int = 400
 
     @classmethod
