@@ -122,6 +122,11 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
         f"cfg {options.cfg_scale}, top-k {options.top_k}, temperature 1; token generation "
         "only. The reference is the original two-row CFG loop with a static KV cache "
         f"(`model_registry/generate.py`). Raw data: `{json_out}`.",
+        *([] if task == "c2i" else [
+            "", "The engine prefills and caches only each caption's valid rows; the reference, "
+            "like the original, runs all 120 slots with padding masked. The released t2i size, "
+            "GPT-XL, is too slow for the reference on a small CPU machine; the zoo sizes listed "
+            "stand in for it (same architecture, caption_dim 2048)."]),
         "",
         "| model | dtype | batch | engine images/s | reference images/s | engine / reference |",
         "|---|---|---|---|---|---|",
