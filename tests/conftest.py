@@ -30,6 +30,11 @@ TINY_VQ = VQConfig(codebook_size=256, codebook_embed_dim=8, encoder_ch_mult=(1, 
                    decoder_ch_mult=(1, 1, 2, 2, 2), z_channels=32, ch=32)
 
 
+# The t2i twin: 120 caption slots of a 64-wide (tiny T5) caption, an 8x8 grid.
+TINY_T2I = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, caption_dim=64, cls_token_num=120,
+                block_size=64, model_type="t2i", class_dropout_prob=0.1)
+
+
 def tiny_config(grid: int = 16, **overrides: object) -> GPTConfig:
     return GPTConfig(**{**TINY, "block_size": grid * grid, **overrides})
 
@@ -74,6 +79,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
 def tiny_model_24(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
     return make_model_dir(tmp_path_factory.mktemp("tiny24"), tiny_config(24), seed=2,
                           with_vq=False, name="tiny24")
+
+
+@pytest.fixture(scope="session")
+def t2i_served_model(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
+    """A servable tiny t2i model: random GPT, VQ decoder and tiny random T5 encoder."""
+    from model_registry.synthetic import save_tiny_t5
+
+    root = tmp_path_factory.mktemp("t2i_served")
+    t5 = save_tiny_t5(root / "t5", d_model=TINY_T2I["caption_dim"])
+    return convert(save_gpt_checkpoint(GPTConfig(**TINY_T2I), root / "gpt.pt", seed=5),
+                   json.dumps(TINY_T2I), root / "captions",
+                   vq_checkpoint=save_vq_checkpoint(TINY_VQ, root / "vq.pt", seed=5),
+                   vq_model=json.dumps(TINY_VQ.to_dict()), text_encoder=str(t5))
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,4 @@ def test_live_panel_shows_server_load(page):
 
     expect(page.locator("#ips")).not_to_have_text("–", timeout=10_000)
     expect(page.locator("#queue")).to_have_text("0")
+

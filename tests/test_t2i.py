@@ -18,8 +18,8 @@ from model_registry.synthetic import save_gpt_checkpoint, save_tiny_t5
 from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
 from server.generation import OfflineGenerator, SamplingOptions
 
-TINY_T2I = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, caption_dim=64, cls_token_num=120,
-                block_size=64, model_type="t2i", class_dropout_prob=0.1)
+from .conftest import TINY_T2I
+
 # From one caption token (an empty caption is just </s>) to one truncated at 120.
 CAPTIONS = ["", "cat", "a red car on a street at night",
             " ".join(["a small dog running on the beach"] * 5),

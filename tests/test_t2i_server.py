@@ -13,30 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from model_registry.convert import convert
 from model_registry.generate import generate
-from model_registry.synthetic import save_gpt_checkpoint, save_tiny_t5, save_vq_checkpoint
 from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
 from vq_decoder.encoding import read_metadata
 
-from .conftest import TINY_VQ
+from .conftest import TINY_T2I
 from .server_harness import API_KEY, ServerProcess, metric
-from .test_t2i import TINY_T2I
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = " ".join(["a photo of two dogs running on the beach at night"] * 20)
 
 
 @pytest.fixture(scope="module")
-def t2i_model(tmp_path_factory):
-    from model_registry.configs import GPTConfig
-
-    root = tmp_path_factory.mktemp("t2i_served")
-    t5 = save_tiny_t5(root / "t5", d_model=TINY_T2I["caption_dim"])
-    return convert(save_gpt_checkpoint(GPTConfig(**TINY_T2I), root / "gpt.pt", seed=5),
-                   json.dumps(TINY_T2I), root / "captions",
-                   vq_checkpoint=save_vq_checkpoint(TINY_VQ, root / "vq.pt", seed=5),
-                   vq_model=json.dumps(TINY_VQ.to_dict()), text_encoder=str(t5))
+def t2i_model(t2i_served_model):
+    return t2i_served_model
 
 
 @pytest.fixture(scope="module")
