@@ -155,6 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except ValidationError as e:
         raise UsageError(_one_line(e)) from None
     model = load_model_dir(resolve_model_path(args.model))
+    options = SamplingOptions.for_model(model, **options.model_dump(exclude_unset=True))
     if model.is_t2i != bool(args.prompts) or bool(args.labels) == bool(args.prompts):
         raise UsageError(f"{model.name} is {'text' if model.is_t2i else 'class'}-conditional: "
                          f"give {'--prompts' if model.is_t2i else '--labels'}")

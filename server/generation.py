@@ -22,14 +22,15 @@ from model_registry.model_dir import ModelDir
 
 
 class SamplingOptions(BaseModel):
-    """Per-request sampling settings. Defaults are the original demo's (sample_c2i.py)."""
+    """Per-request sampling settings. Defaults are the original demo's (sample_c2i.py); t2i
+    models default to sample_t2i.py's instead (TASK_DEFAULTS)."""
 
     cfg_scale: float = Field(4.0, ge=0, le=100, description="classifier-free guidance scale; "
-                             "<= 1 disables guidance")
+                             "<= 1 disables guidance (t2i models: 7.5)")
     cfg_interval: int = Field(-1, ge=-1, description="-1: guide every token; n: guide image "
                               "tokens 0..n+1 only")
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy")
-    top_k: int = Field(2000, ge=0, description="0 disables top-k")
+    top_k: int = Field(2000, ge=0, description="0 disables top-k (t2i models: 1000)")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; "
                              "random when absent")
@@ -41,6 +42,11 @@ class SamplingOptions(BaseModel):
         if self.temperature == 0:
             self.greedy = True
         return self
+
+    @classmethod
+    def for_model(cls, model: ModelDir, **given: Any) -> SamplingOptions:
+        """The given fields over the model's task defaults."""
+        return cls(**{**TASK_DEFAULTS[model.gpt.model_type], **given})
 
     def image_seeds(self, n: int) -> list[int]:
         base = self.seed if self.seed is not None else secrets.randbits(62)
@@ -66,6 +72,11 @@ class Condition:
             return caption_prompt(self.embeds)
         assert self.label is not None
         return TokensPrompt(prompt_token_ids=class_prompt_ids(model, self.label))
+
+
+# What the original samplers use where a request says nothing: sample_c2i.py's are the field
+# defaults above; sample_t2i.py guides harder and keeps fewer tokens.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"c2i": {}, "t2i": {"cfg_scale": 7.5, "top_k": 1000}}
 
 
 def class_prompt_ids(model: ModelDir, label: int) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model_registry.model_dir import ModelDir
 from server.generation import SamplingOptions
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -26,10 +27,11 @@ class SamplingExtensions(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i")
 
-    def sampling_options(self) -> SamplingOptions:
+    def sampling_options(self, model: ModelDir) -> SamplingOptions:
+        """The fields given, over the model's task defaults."""
         fields = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "seed")
-        return SamplingOptions(**{k: getattr(self, k) for k in fields
-                                  if getattr(self, k) is not None})
+        return SamplingOptions.for_model(model, **{k: getattr(self, k) for k in fields
+                                                   if getattr(self, k) is not None})
 
 
 class ImageGenerationRequest(SamplingExtensions):

@@ -22,6 +22,8 @@ def test_text_model_takes_a_caption(t2i_served_model, tmp_path):
         page.get_by_label("API key (kept in this browser)").dispatch_event("change")
         expect(page.locator("#prompt-label")).to_have_text("Prompt")
         expect(page.locator("#classes option")).to_have_count(0)
+        expect(page.locator("#cfg")).to_have_value("7.5")  # sample_t2i.py's defaults
+        expect(page.locator("#topk")).to_have_value("1000")
         page.get_by_label("Prompt", exact=True).fill("A red car at NIGHT")
         page.get_by_label("Images", exact=True).fill("1")
         page.get_by_role("button", name="Generate", exact=True).click()

@@ -81,6 +81,7 @@ def test_openai_client_text_prompt(client, t2i_model):
         assert Image.open(io.BytesIO(data)).size == (128, 128)
         meta = read_metadata(data)
         assert meta["prompt"] == "a blue house by the sea" and "class_label" not in meta
+        assert meta["sampling"]["cfg_scale"] == 4.0 and meta["sampling"]["top_k"] == 1000
 
 
 def test_over_long_prompt_is_truncated_to_120_tokens(client):
@@ -99,6 +100,9 @@ def test_streaming_partial_images(server):
     assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 + [
         "image_generation.completed"]
     assert events[-1]["revised_prompt"] == "a green tree"
+    # Nothing said about sampling: sample_t2i.py's defaults, not the c2i demo's.
+    sampling = read_metadata(base64.b64decode(events[-1]["b64_json"]))["sampling"]
+    assert sampling["cfg_scale"] == 7.5 and sampling["top_k"] == 1000
 
 
 @pytest.mark.parametrize("body,param", [

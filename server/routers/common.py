@@ -31,9 +31,10 @@ def check_count(n: int, settings: ServerSettings, param: str) -> None:
                            "per request", param=param, code="too_many_images")
 
 
-def sampling_options(body: SamplingExtensions, **extra: Any) -> SamplingOptions:
+def sampling_options(body: SamplingExtensions, service: ModelService, **extra: Any
+                     ) -> SamplingOptions:
     try:
-        options = body.sampling_options()
+        options = body.sampling_options(service.model)
         return options.model_copy(update=extra) if extra else options
     except ValidationError as e:
         err = e.errors()[0]

@@ -65,7 +65,7 @@ async def generate(body: NativeGenerateRequest, request: Request,
     param = "labels" if body.labels is not None else "prompts"
     check_count(body.count, state.settings, param)
     check_task(service, body.prompts is not None, param)
-    options = sampling_options(body, greedy=body.greedy)
+    options = sampling_options(body, service, greedy=body.greedy)
     started, created = time.monotonic(), int(time.time())
     if body.prompts is not None:
         reservation = service.admit(body.count)

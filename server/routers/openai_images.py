@@ -69,7 +69,7 @@ async def create_image(body: ImageGenerationRequest, request: Request,
     service = resolve_service(state, body.model)
     check_count(body.n, state.settings, "n")
     _check_size(service, body.size)
-    options = sampling_options(body)
+    options = sampling_options(body, service)
     started = time.monotonic()
     if service.model.is_t2i:
         reservation = service.admit(body.n)

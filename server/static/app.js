@@ -56,6 +56,9 @@ async function loadClasses() {
   // A text-conditional model takes a caption: no class list to complete from.
   $("prompt-label").textContent = isTextModel() ? "Prompt" : "Class";
   $("prompt").placeholder = isTextModel() ? "a caption" : "a class name or id";
+  // The original samplers' defaults: sample_t2i.py guides harder and keeps fewer tokens.
+  $("cfg").value = isTextModel() ? 7.5 : 4;
+  $("topk").value = isTextModel() ? 1000 : 2000;
   const response = await fetch(`/v1/classes?model=${encodeURIComponent(model)}`,
     { headers: headers() });
   if (!response.ok) return;
