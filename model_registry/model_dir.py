@@ -164,7 +164,7 @@ class ModelDir:
         with torch.device("meta"):
             mlp = MLP(self.gpt.caption_dim, self.gpt.dim, self.gpt.dim)
         mlp.load_state_dict(sd, assign=True)
-        return mlp.to(device=device, dtype=dtype).eval()
+        return mlp.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def load_text_encoder(self, **kwargs: Any) -> TextEncoder:
         """The t2i caption encoder this model was converted with (kwargs: device, dtype)."""

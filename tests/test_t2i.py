@@ -210,3 +210,51 @@ def test_cli_convert_then_generate_prompts(tmp_path, tiny_t2i):
     result = run_cli("generate", "--model", str(tmp_path / "model"), "--labels", "3",
                      "--tokens-out", str(tokens_out))
     assert_one_line_error(result, "text-conditional: give --prompts")
+
+
+def test_caption_service_batches_requests_and_keeps_each_together(tiny_t2i):
+    """Concurrent requests share T5 batches; each gets its own captions back, in order, equal
+    to encoding and projecting them alone; a request's prompts never split across batches."""
+    import asyncio
+
+    from server.captions import CaptionService
+
+    encoder = tiny_t2i.load_text_encoder()
+    projection = tiny_t2i.caption_projection()
+    requests = [["a cat"], ["a red car", "a dog", "the moon"], ["two birds"], ["sea", "sky"]]
+    batches: list[int] = []
+
+    async def run():
+        service = CaptionService(encoder, projection, max_batch_size=4, max_wait_s=0.2,
+                                 on_batch=lambda n, _: batches.append(n))
+        await service.start()
+        try:
+            return await asyncio.gather(*(service.encode(r) for r in requests))
+        finally:
+            await service.stop()
+
+    results = asyncio.run(run())
+    assert batches == [4, 3]  # [1 + 3], then [1 + 2]: the fourth request did not fit
+    for texts, conditions in zip(requests, results, strict=True):
+        assert [c.caption for c in conditions] == texts
+        for text, condition in zip(texts, conditions, strict=True):
+            alone = projection(encoder.encode([text])[0].features)
+            torch.testing.assert_close(condition.embeds, alone, rtol=0, atol=1e-5)
+
+
+def test_caption_service_stop_fails_waiting_requests(tiny_t2i):
+    import asyncio
+
+    from server.captions import CaptionService
+
+    async def run():
+        service = CaptionService(tiny_t2i.load_text_encoder(), tiny_t2i.caption_projection(),
+                                 max_batch_size=8, max_wait_s=30)
+        await service.start()
+        pending = asyncio.ensure_future(service.encode(["a cat"]))
+        await asyncio.sleep(0.1)  # collected, waiting for the batch to fill
+        await service.stop()
+        with pytest.raises(RuntimeError, match="stopped"):
+            await asyncio.wait_for(pending, timeout=5)
+
+    asyncio.run(run())
