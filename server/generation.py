@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from model_registry.model_dir import ModelDir
+from model_registry.text_encoder import T5_MAX_LENGTH
 
 
 class SamplingOptions(BaseModel):
@@ -89,6 +90,8 @@ def caption_prompt(embeds: torch.Tensor) -> dict[str, Any]:
     """A t2i prompt: cap_proj of the valid caption rows, (L, dim), 1 <= L <= 120."""
     from vllm.inputs import EmbedsPrompt
 
+    if not 1 <= len(embeds) <= T5_MAX_LENGTH:
+        raise ValueError(f"a caption has 1..{T5_MAX_LENGTH} tokens, got {len(embeds)}")
     # The null stream's KV depends on the slots the caption occupies (120 - L ..), which the
     # embeddings alone do not say: the salt keeps prefix caching from mixing lengths.
     return EmbedsPrompt(prompt_embeds=embeds, cache_salt=f"llamagen-caption-{len(embeds)}")
@@ -97,19 +100,14 @@ def caption_prompt(embeds: torch.Tensor) -> dict[str, Any]:
 def engine_prompt(model: ModelDir, condition: int | torch.Tensor,
                   projection: torch.nn.Module | None = None) -> dict[str, Any]:
     """A class label (c2i) or the valid caption features (t2i, (L, caption_dim)) -> prompt."""
-    from vllm.inputs import TokensPrompt
-
     if not model.is_t2i:
         assert isinstance(condition, int)
-        return TokensPrompt(prompt_token_ids=class_prompt_ids(model, condition))
+        return Condition(label=condition).prompt(model)
     assert isinstance(condition, torch.Tensor) and projection is not None
-    if not 1 <= len(condition) <= model.gpt.cls_token_num:
-        raise ValueError(f"a caption has 1..{model.gpt.cls_token_num} tokens, "
-                         f"got {len(condition)}")
     with torch.inference_mode():
         weight = next(projection.parameters())
         embeds = projection(condition.to(weight.device, weight.dtype))
-    return caption_prompt(embeds)
+    return Condition(embeds=embeds).prompt(model)
 
 
 def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None,
