@@ -174,6 +174,19 @@ def test_convert_records_the_text_encoder_and_per_request_positions(tiny_t2i, tm
         convert(ckpt, json.dumps(TINY_T2I), tmp_path / "out", class_names=ckpt)
 
 
+def test_convert_takes_the_task_of_a_zoo_name_from_the_checkpoint(tmp_path):
+    """`--gpt-model GPT-XL` fits c2i and t2i files: the caption embedder's keys decide, so a
+    t2i file is checked against the t2i config (here: a tiny file, so the shapes differ)."""
+    from model_registry.checkpoint import CheckpointError
+
+    ckpt = save_gpt_checkpoint(GPTConfig(**TINY_T2I), tmp_path / "t2i.pt")
+    with pytest.raises(CheckpointError) as e:
+        convert(ckpt, "GPT-XL", tmp_path / "out", image_size=256)
+    assert "cls_embedding.cap_proj.fc1.weight: checkpoint (128, 64) vs config (1280, 2048)" \
+        in str(e.value)
+    assert "embedding_table" not in str(e.value)
+
+
 def test_convert_fetches_a_hub_text_encoder_or_says_why_not(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
