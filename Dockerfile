@@ -46,11 +46,12 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 ENTRYPOINT ["llamagen", "serve"]
 
-# ---- GPU: the official vLLM CUDA image plus our wheel (its dependencies are already there) ----
+# ---- GPU: the official vLLM CUDA image plus our wheel (most dependencies are already there; --no-deps keeps its torch, the rest are added) ----
 FROM ${VLLM_IMAGE} AS gpu
 COPY --from=wheel /dist /dist
 RUN pip install --no-cache-dir --no-deps /dist/*.whl \
     && pip install --no-cache-dir sse-starlette==3.7.0 pydantic-settings==2.16.3 \
+        ftfy==6.3.1 beautifulsoup4==4.15.0 \
     && rm -rf /dist \
     && useradd --create-home --uid 10001 llamagen \
     && mkdir -p /models /tmp/llamagen-images \
