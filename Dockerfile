@@ -46,7 +46,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 ENTRYPOINT ["llamagen", "serve"]
 
-# ---- GPU: the official vLLM CUDA image plus our wheel (most dependencies are already there; --no-deps keeps its torch, the rest are added) ----
+# ---- GPU: the official vLLM CUDA image plus our wheel (--no-deps keeps the image's torch and
+# vLLM; the few dependencies the image lacks are installed by name) ----
 FROM ${VLLM_IMAGE} AS gpu
 COPY --from=wheel /dist /dist
 RUN pip install --no-cache-dir --no-deps /dist/*.whl \
