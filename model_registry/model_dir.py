@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model_registry.checkpoint import CheckpointError, strict_state_dict
@@ -159,8 +160,10 @@ class ModelDir:
         applies it, so the engine receives each caption as prompt embeddings."""
         assert self.is_t2i
         prefix = "cls_embedding.cap_proj."
-        sd = {k.removeprefix(prefix): v for k, v in self.gpt_state_dict().items()
-              if k.startswith(prefix)}
+        # Two small tensors: read them alone, not the whole GPT (3 GB for GPT-XL).
+        with safe_open(self.path / WEIGHTS_FILE, framework="pt") as f:
+            names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (no __iter__)
+            sd = {k.removeprefix(prefix): f.get_tensor(k) for k in names}
         with torch.device("meta"):
             mlp = MLP(self.gpt.caption_dim, self.gpt.dim, self.gpt.dim)
         mlp.load_state_dict(sd, assign=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model_registry.text_encoder import TextEncoder
-from server.generation import Condition
+from server.generation import Condition, project_caption
 
 
 @dataclass
@@ -62,15 +62,8 @@ class CaptionService:
         return await future
 
     def _encode(self, texts: list[str]) -> list[Condition]:
-        captions = self.encoder.encode(texts)
-        weight = next(self.projection.parameters())
-        with torch.inference_mode():
-            out = []
-            for caption in captions:
-                embeds = self.projection(caption.features.to(weight.device, weight.dtype))
-                # vLLM copies prompt embeddings to the CPU for its request state anyway.
-                out.append(Condition(caption=caption.text, embeds=embeds.cpu()))
-        return out
+        return [Condition(caption=c.text, embeds=project_caption(self.projection, c.features))
+                for c in self.encoder.encode(texts)]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -104,10 +104,16 @@ def engine_prompt(model: ModelDir, condition: int | torch.Tensor,
         assert isinstance(condition, int)
         return Condition(label=condition).prompt(model)
     assert isinstance(condition, torch.Tensor) and projection is not None
-    with torch.inference_mode():
-        weight = next(projection.parameters())
-        embeds = projection(condition.to(weight.device, weight.dtype))
-    return Condition(embeds=embeds).prompt(model)
+    return Condition(embeds=project_caption(projection, condition)).prompt(model)
+
+
+@torch.inference_mode()
+def project_caption(projection: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Valid caption features (L, caption_dim) -> prompt embeddings (L, dim) on the CPU, in
+    the projection's dtype (the engine's, as the original runs cap_proj in the model dtype)."""
+    weight = next(projection.parameters())
+    # vLLM copies prompt embeddings to the CPU for its request state anyway.
+    return projection(features.to(weight.device, weight.dtype)).cpu()
 
 
 def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None,
