@@ -64,12 +64,18 @@ def class_conditions(service: ModelService, labels: list[int | str], param: str,
     return conditions
 
 
-async def encode_prompts(service: ModelService, reservation: Reservation, prompts: list[str]
-                         ) -> list[Condition]:
-    """t2i prompts -> conditions, after admission (encoding costs compute); the reservation
-    is released if encoding fails."""
+async def admit_conditions(service: ModelService, texts: list[int | str], images: int,
+                           param: str, *, indexed: bool = True
+                           ) -> tuple[Reservation, list[Condition]]:
+    """Room for `images` images (or 429), and one condition per text: class ids or names for
+    c2i models (checked first: a bad one is a 400), captions for t2i models (encoded after
+    admission, since encoding costs compute; the reservation is released if it fails)."""
+    if not service.model.is_t2i:
+        conditions = class_conditions(service, texts, param, indexed=indexed)
+        return service.admit(images), conditions
+    reservation = service.admit(images)
     try:
-        return await service.encode_prompts(prompts)
+        return reservation, await service.encode_prompts([str(t) for t in texts])
     except BaseException:
         reservation.release()
         raise

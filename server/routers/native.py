@@ -18,11 +18,10 @@ from server.deps import (
 )
 from server.protocol import ClassList, NativeGenerateRequest, NativeGenerateResponse, NativeImage
 from server.routers.common import (
+    admit_conditions,
     b64_image,
     check_count,
     check_task,
-    class_conditions,
-    encode_prompts,
     respond,
     sampling_options,
     sse,
@@ -67,13 +66,8 @@ async def generate(body: NativeGenerateRequest, request: Request,
     check_task(service, body.prompts is not None, param)
     options = sampling_options(body, service, greedy=body.greedy)
     started, created = time.monotonic(), int(time.time())
-    if body.prompts is not None:
-        reservation = service.admit(body.count)
-        conditions = await encode_prompts(service, reservation, body.prompts)
-    else:
-        assert body.labels is not None
-        conditions = class_conditions(service, body.labels, "labels")
-        reservation = service.admit(body.count)
+    texts: list[int | str] = list(body.prompts or body.labels or [])  # exactly one is given
+    reservation, conditions = await admit_conditions(service, texts, body.count, param)
     request_id = request.state.request_id
 
     if body.stream:

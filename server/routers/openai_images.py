@@ -27,10 +27,9 @@ from server.protocol import (
     PartialImageEvent,
 )
 from server.routers.common import (
+    admit_conditions,
     b64_image,
     check_count,
-    class_conditions,
-    encode_prompts,
     encoded_image,
     respond,
     sampling_options,
@@ -71,12 +70,9 @@ async def create_image(body: ImageGenerationRequest, request: Request,
     _check_size(service, body.size)
     options = sampling_options(body, service)
     started = time.monotonic()
-    if service.model.is_t2i:
-        reservation = service.admit(body.n)
-        condition = (await encode_prompts(service, reservation, [body.prompt]))[0]
-    else:
-        condition = class_conditions(service, [body.prompt], "prompt", indexed=False)[0]
-        reservation = service.admit(body.n)
+    # One prompt for all n images: resolved or encoded once.
+    reservation, (condition,) = await admit_conditions(service, [body.prompt], body.n, "prompt",
+                                                       indexed=False)
     conditions = [condition] * body.n
     label, revised = condition.label, condition.caption
     request_id = request.state.request_id
