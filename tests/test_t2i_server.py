@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from model_registry.generate import generate
 from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
 from vq_decoder.encoding import read_metadata
 
 from .conftest import TINY_T2I
 from .server_harness import API_KEY, ServerProcess, metric
+from .test_t2i import reference_tokens
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = " ".join(["a photo of two dogs running on the beach at night"] * 20)
@@ -41,13 +41,6 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
 
 
-def reference_tokens(model, prompts: list[str], cfg_scale: float) -> list[list[int]]:
-    captions = model.load_text_encoder().encode(prompts)
-    features, masks = left_pad([c.features for c in captions])
-    return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
-                    greedy=True).tolist()
-
-
 def native(server, body: dict) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/generate", json=body, headers=AUTH, timeout=120)
 
@@ -65,7 +58,8 @@ def test_native_prompts_give_the_reference_tokens(server, t2i_model):
     images = response.json()["images"]
     assert [img["prompt"] for img in images] == [clean_caption(p) for p in prompts]
     assert all(img["class_label"] is None for img in images)
-    assert [img["tokens"] for img in images] == reference_tokens(t2i_model, prompts, 7.5)
+    valid = [c.features for c in t2i_model.load_text_encoder().encode(prompts)]
+    assert [img["tokens"] for img in images] == reference_tokens(t2i_model, valid, 7.5)
 
 
 def test_openai_client_text_prompt(client, t2i_model):
