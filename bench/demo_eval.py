@@ -1,4 +1,5 @@
-"""`llamagen eval-demo`: does the demo model draw what it is asked for?
+"""`llamagen eval-demo`: does the demo model draw what it is asked for? (In `bench/`: it runs
+the engine, so it sits above the engine layer; the demo's training stays with the models.)
 
 Images are generated through the real vLLM engine (fp32, seeded, the default sampling:
 temperature 1, no top-k at this codebook size), decoded by the VQ decoder and classified by
@@ -14,12 +15,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from engine.conditions import Condition
+from engine.offline import OfflineGenerator
+from engine.sampling import SamplingOptions
+from engine.settings import EngineSettings
+from engine.vllm_api import build_llm
 from model_registry.demo.classifier import load_classifier
 from model_registry.demo.shapes import make_dataset, to_tensor_range
 from model_registry.demo.train import psnr
 from model_registry.model_dir import ModelDir, load_model_dir
-from server.engine import EngineSettings, build_llm
-from server.generation import OfflineGenerator, SamplingOptions
 
 
 def decode_all(model: ModelDir, tokens: list[list[int]], batch: int = 64) -> np.ndarray:
@@ -58,9 +62,12 @@ def tokenizer_psnr(model: ModelDir, n: int = 200, seed: int = 12345) -> float:
 
 
 def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
-                  cfg_scale: float = 4.0, grid_out: Path | None = None,
+                  cfg_scale: float | None = None, grid_out: Path | None = None,
                   llm: object | None = None) -> dict:
+    """Accuracy with guidance (cfg_scale, default: the model's) and without (cfg 1.0), at the
+    model's default sampling otherwise."""
     model = load_model_dir(model_dir)
+    guided = SamplingOptions.resolve(model.gpt.model_type, cfg_scale=cfg_scale, seed=seed)
     classifier = load_classifier(model.path)
     labels = [c for c in range(model.gpt.num_classes) for _ in range(per_class)]
     if llm is None:
@@ -68,9 +75,10 @@ def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
                                                                                  len(labels))))
     engine = OfflineGenerator(model, llm)
     report: dict = {"model": model.name, "images_per_setting": len(labels), "seed": seed,
-                    "cfg_scale": cfg_scale}
-    for key, scale in (("cfg", cfg_scale), ("no_cfg", 1.0)):
-        tokens, _ = engine.generate(labels, SamplingOptions(cfg_scale=scale, seed=seed))
+                    "cfg_scale": guided.cfg_scale}
+    conditions = [Condition(label=label) for label in labels]
+    for key, options in (("cfg", guided), ("no_cfg", guided.model_copy(update={"cfg_scale": 1.0}))):
+        tokens, _ = engine.generate(conditions, options)
         pixels = decode_all(model, tokens)
         predicted = classifier.predict(pixels)
         correct = predicted == np.array(labels)

@@ -21,20 +21,23 @@ from pathlib import Path
 import torch
 
 from bench.report import command_line, machine, write_section
+from engine.conditions import Condition
+from engine.offline import OfflineGenerator
+from engine.sampling import SamplingOptions
+from engine.settings import TORCH_DTYPES, EngineSettings
+from engine.vllm_api import build_llm
 from model_registry.configs import GPT_MODELS, GPTConfig, task_config
 from model_registry.convert import convert
 from model_registry.generate import generate
 from model_registry.synthetic import save_gpt_checkpoint
 from model_registry.text_encoder import left_pad
-from server.engine import TORCH_DTYPES, EngineSettings, build_llm
-from server.generation import OfflineGenerator, SamplingOptions
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=4, n_head=4, dim=256),
     **GPT_MODELS,
 }
-OPTIONS = {"c2i": SamplingOptions(cfg_scale=4.0, top_k=2000, temperature=1.0, seed=0),
-           "t2i": SamplingOptions(cfg_scale=7.5, top_k=1000, temperature=1.0, seed=0)}
+# Each task's default sampling (the original samplers'), seeded.
+OPTIONS = {task: SamplingOptions.resolve(task, seed=0) for task in ("c2i", "t2i")}
 # Typical prompts are a sentence: 8-50 T5 tokens; cycled over a batch.
 CAPTION_LENGTHS = (12, 20, 32, 48)
 
@@ -45,7 +48,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def conditions(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
+def reference_inputs(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
     """Class labels (c2i) or valid caption feature rows (t2i) for n images."""
     if config.model_type == "c2i":
         return [i % config.num_classes for i in range(n)]
@@ -67,22 +70,28 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
     reference = model.load_reference(dtype=torch_dtype)
     generator = torch.Generator().manual_seed(0)
 
-    def run_reference(conds: list) -> None:
+    def run_reference(inputs: list) -> None:
         if task == "c2i":
-            cond, masks = torch.tensor(conds), None
+            cond, masks = torch.tensor(inputs), None
         else:
-            cond, masks = left_pad(conds)
+            cond, masks = left_pad(inputs)
         generate(reference, cond, emb_masks=masks, cfg_scale=options.cfg_scale,
                  top_k=options.top_k, temperature=options.temperature, generator=generator)
 
-    warm = conditions(config, 1, torch_dtype)
-    engine.generate(warm, options)  # warm-up: first-call allocations
+    def engine_conditions(inputs: list) -> list[Condition]:
+        # Caption projection happens before the engine in serving too: not timed.
+        return (engine.caption_features(inputs) if task == "t2i"
+                else [Condition(label=label) for label in inputs])
+
+    warm = reference_inputs(config, 1, torch_dtype)
+    engine.generate(engine_conditions(warm), options)  # warm-up: first-call allocations
     run_reference(warm)
     rows = []
     for bs in batch_sizes:
-        conds = conditions(config, bs, torch_dtype)
+        inputs = reference_inputs(config, bs, torch_dtype)
+        conds = engine_conditions(inputs)
         t_engine = _timed(lambda conds=conds: engine.generate(conds, options))
-        t_ref = _timed(lambda conds=conds: run_reference(conds))
+        t_ref = _timed(lambda inputs=inputs: run_reference(inputs))
         row = {"size": size, "task": task, "dtype": dtype, "batch": bs,
                "tokens_per_image": config.block_size,
                "engine_s": round(t_engine, 3), "reference_s": round(t_ref, 3),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def _vllm_version() -> str:
-    try:  # server.engine needs pydantic, which a bare GPU box may lack
-        from server.engine import vllm_version
+    try:  # the engine layer needs pydantic and more, which a bare GPU box may lack
+        from engine.vllm_api import vllm_version
     except ImportError:
         return "not installed"
     return vllm_version()

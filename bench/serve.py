@@ -262,10 +262,12 @@ def offline_ceiling(model_dir: Path, concurrency: int, images: int, dtype: str) 
     import torch
 
     from bench.offline import OPTIONS as TASK_OPTIONS
+    from engine.conditions import Condition
+    from engine.offline import OfflineGenerator
+    from engine.settings import TORCH_DTYPES, EngineSettings, resolve_dtype
+    from engine.vllm_api import build_llm
     from model_registry.generate import generate
     from model_registry.model_dir import load_model_dir
-    from server.engine import TORCH_DTYPES, EngineSettings, build_llm, resolve_dtype
-    from server.generation import OfflineGenerator
 
     OPTIONS = TASK_OPTIONS["c2i"]
 
@@ -283,9 +285,10 @@ def offline_ceiling(model_dir: Path, concurrency: int, images: int, dtype: str) 
 
     engine = OfflineGenerator(model, build_llm(model, EngineSettings(
         dtype=dtype, max_num_seqs=concurrency)))  # type: ignore[arg-type]
-    engine.generate(labels[:1], OPTIONS)
+    conditions = [Condition(label=label) for label in labels]
+    engine.generate(conditions[:1], OPTIONS)
     start = time.perf_counter()
-    tokens, _ = engine.generate(labels, OPTIONS)
+    tokens, _ = engine.generate(conditions, OPTIONS)
     decode(tokens)
     engine_s = time.perf_counter() - start
     reference = model.load_reference(dtype=TORCH_DTYPES[dtype])

@@ -1,4 +1,5 @@
-"""`llamagen`: the one command-line entry point. Subcommands call into the packages.
+"""`llamagen`: the one command-line entry point, the top layer. Subcommands call into the
+packages below (model_registry, engine, server, bench).
 
 User errors (bad flags, unknown models, missing files, mismatched checkpoints) end with one
 line on stderr and exit status 2, before any engine starts.
@@ -146,16 +147,20 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from server.engine import EngineSettings, build_llm
-    from server.generation import Condition, OfflineGenerator, SamplingOptions, save_images
+    from engine.conditions import Condition
+    from engine.images import ImageWriter
+    from engine.offline import OfflineGenerator
+    from engine.sampling import SamplingOptions
+    from engine.settings import EngineSettings
+    from engine.vllm_api import build_llm
 
     try:
-        options = model_from_flags(SamplingOptions, args)
         settings = model_from_flags(EngineSettings, args)
+        given = model_from_flags(SamplingOptions, args).model_dump(exclude_unset=True)
     except ValidationError as e:
         raise UsageError(_one_line(e)) from None
     model = load_model_dir(resolve_model_path(args.model))
-    options = SamplingOptions.for_model(model, **options.model_dump(exclude_unset=True))
+    options = SamplingOptions.resolve(model.gpt.model_type, **given)
     if model.is_t2i != bool(args.prompts) or bool(args.labels) == bool(args.prompts):
         raise UsageError(f"{model.name} is {'text' if model.is_t2i else 'class'}-conditional: "
                          f"give {'--prompts' if model.is_t2i else '--labels'}")
@@ -166,25 +171,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError("nothing to write: give --tokens-out FILE and/or --out-dir DIR")
     if args.out_dir and model.vq is None:
         raise UsageError(f"{model.path} has no VQ decoder: use --tokens-out only")
-    if model.is_t2i:
-        captions = model.load_text_encoder().encode(args.prompts)
-        inputs: list[Any] = [c.features for c in captions]
-        conditions = [Condition(caption=c.text) for c in captions]
-    else:
-        inputs = labels
-        conditions = [Condition(label=label) for label in labels]
-    llm = build_llm(model, settings)
-    tokens, seeds = OfflineGenerator(model, llm).generate(inputs, options)
+    generator = OfflineGenerator(model, build_llm(model, settings))
+    conditions = (generator.captions(args.prompts) if model.is_t2i
+                  else [Condition(label=label) for label in labels])
+    tokens, seeds = generator.generate(conditions, options)
     if args.tokens_out:
         Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.tokens_out).write_text(json.dumps(tokens))
     images = []
     if args.out_dir:
-        images = save_images(model, tokens, conditions, seeds, options, Path(args.out_dir),
-                             fmt=args.format, compression=args.compression)
+        writer = ImageWriter(model, options, args.format, args.compression)
+        images = writer.save(tokens, conditions, seeds, Path(args.out_dir))
     described = ({"prompts": [c.caption for c in conditions]} if model.is_t2i
-                 else {"labels": inputs})
-    print(json.dumps({**described, "seeds": None if options.greedy else seeds,
+                 else {"labels": labels})
+    print(json.dumps({**described, "seeds": None if all(s is None for s in seeds) else seeds,
                       "tokens_out": args.tokens_out, "images": [str(p) for p in images]}))
 
 
@@ -213,7 +213,7 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_demo(args: argparse.Namespace) -> None:
-    from model_registry.demo.evaluate import evaluate_demo
+    from bench.demo_eval import evaluate_demo
 
     report = evaluate_demo(resolve_model_path(args.model), per_class=args.per_class,
                            seed=args.seed, cfg_scale=args.cfg_scale,
@@ -268,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import decoder as bench_decoder
     from bench import models as bench_models
     from bench import serve as bench_serve
-    from server.engine import EngineSettings
-    from server.generation import SamplingOptions
+    from engine.sampling import SamplingOptions
+    from engine.settings import EngineSettings
     from server.settings import ServerSettings
+    from vq_decoder.encoding import IMAGE_FORMATS
 
     parser = argparse.ArgumentParser(prog="llamagen", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-out", help="write the token ids (one list per image) as JSON")
     p.add_argument("--out-dir", help="write one image per label or prompt: "
                    "{index:04d}_{label}.png (c2i) or {index:04d}.png (t2i)")
-    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"],
+    p.add_argument("--format", default="png", choices=list(IMAGE_FORMATS),
                    help="image format for --out-dir (default: png)")
     p.add_argument("--compression", type=int, choices=range(101), metavar="0..100",
                    help="0..100: JPEG/WebP quality is 100 - compression; PNG zlib level")
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory (default: the embedded demo)")
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=float, help="guidance scale of the guided run "
+                   "(default: the model's)")
     p.add_argument("--grid-out", help="write a sample grid PNG (one row per class)")
     p.add_argument("--json-out", help="write the report as JSON")
     p.set_defaults(func=cmd_eval_demo)

@@ -1,4 +1,5 @@
-"""Our Prometheus metrics (`llamagen_*`), beside vLLM's own `vllm:*` in the same registry.
+"""The engine layer's Prometheus metrics (`llamagen_*`), beside vLLM's own `vllm:*` in the
+same registry (the HTTP layer adds its request metrics in `server/metrics.py`).
 
 vLLM's AsyncLLM registers its metrics in prometheus_client's default registry of this process,
 so `/metrics` serves both; dashboards and autoscalers written for vLLM keep working.
@@ -14,11 +15,6 @@ from prometheus_client import Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 IMAGES_GENERATED = Counter("llamagen_images_generated", "Images generated", ["model"])
-REQUESTS = Counter("llamagen_requests", "Generation requests by outcome", ["model", "endpoint",
-                                                                          "outcome"])
-REQUEST_LATENCY = Histogram("llamagen_request_latency_seconds",
-                            "Generation request latency, arrival to last image",
-                            ["model", "endpoint"], buckets=LATENCY_BUCKETS)
 IMAGE_LATENCY = Histogram("llamagen_image_latency_seconds",
                           "Per-image latency, admission to encoded image", ["model"],
                           buckets=LATENCY_BUCKETS)

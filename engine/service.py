@@ -1,11 +1,11 @@
-"""The generation service of one served model: vLLM AsyncLLM + the VQ decoder service (+ the
+"""The generation service of one served model: the vLLM engine + the VQ decoder service (+ the
 caption service for t2i models).
 
 One vLLM request per image (prompt = the class token or the caption's embeddings); token
-deltas stream back, previews are
-real decodes of the rows generated so far, and the finished grid is decoded in micro-batches
-with other requests' grids. Admission control bounds the images in flight; a cancelled
-request (client gone) aborts its vLLM requests, which frees their KV blocks.
+deltas stream back, previews are real decodes of the rows generated so far, and the finished
+grid is decoded in micro-batches with other requests' grids. Admission control bounds the
+images in flight; a cancelled request (client gone) aborts its vLLM requests, which frees
+their KV blocks.
 """
 
 from __future__ import annotations
@@ -18,30 +18,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from engine import metrics
+from engine.captions import CaptionService
+from engine.conditions import Condition
+from engine.decoding import DecoderService
+from engine.sampling import SamplingOptions
+from engine.settings import ServiceSettings, device, has_cuda
+from engine.vllm_api import AsyncEngine, sampling_params
 from model_registry.model_dir import ModelDir
-from server import metrics
-from server.captions import CaptionService
-from server.engine import engine_kwargs, has_cuda, prepare_environment
-from server.generation import Condition, SamplingOptions, sampling_params
-from server.settings import ServerSettings
-from vq_decoder.service import DecoderService
 
 log = logging.getLogger("llamagen.service")
 
 
-class ServiceError(Exception):
-    """An error for the client, in the OpenAI envelope's terms."""
+class QueueFull(Exception):
+    """More images than `max_queued_images` would be in flight: retry after `retry_after_s`."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
+    def __init__(self, in_flight: int, limit: int, retry_after_s: int):
+        super().__init__(f"server busy: {in_flight} images in flight (limit {limit}); "
+                         "retry later")
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -55,7 +53,7 @@ class Preview:
 class Finished:
     index: int
     condition: Condition
-    seed: int | None
+    seed: int | None  # None: greedy
     tokens: list[int]
     pixels: np.ndarray
     seconds: float
@@ -85,11 +83,11 @@ def preview_rows(grid: int, partial_images: int) -> list[int]:
 
 
 class ModelService:
-    def __init__(self, model: ModelDir, settings: ServerSettings, models_served: int = 1):
+    def __init__(self, model: ModelDir, settings: ServiceSettings, models_served: int = 1):
         self.model, self.settings = model, settings
         self.models_served = models_served
         self.name = model.name
-        self.engine: Any = None
+        self.engine: AsyncEngine | None = None
         self.decoder: DecoderService | None = None
         self.captions: CaptionService | None = None
         self.in_flight = 0  # images admitted and not finished
@@ -101,20 +99,15 @@ class ModelService:
         return f"{self.model.image_size}x{self.model.image_size}"
 
     async def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         if self.model.vq is None:
             raise ValueError(f"{self.model.path} has no VQ decoder: it cannot serve images")
         if self.model.is_t2i and self.model.text_encoder is None:
             raise ValueError(f"{self.model.path} is a t2i model without a text encoder: "
                              "convert it with --text-encoder to serve text prompts")
-        prepare_environment(self.settings, in_process=False)
         # Engines on one GPU split its memory (on CPU each sizes its own KV cache).
         share = self.settings.model_copy(update={
             "gpu_memory_utilization": self.settings.gpu_memory_utilization / self.models_served})
-        args = AsyncEngineArgs(**engine_kwargs(self.model, share), disable_log_stats=False)
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = AsyncEngine(self.model, share)
         decoder = self.model.vq_decoder(compile=self.settings.decoder_compile)
         threads = self.settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)
         self.decoder = DecoderService(
@@ -124,11 +117,9 @@ class ModelService:
         await self.decoder.start()
         if self.model.is_t2i:
             # The projection runs in the engine's dtype, as the original runs cap_proj.
-            dtype = self.engine.model_config.dtype
-            device = "cuda" if has_cuda() else "cpu"
             self.captions = CaptionService(
-                self.model.load_text_encoder(device=device),
-                self.model.caption_projection(dtype, device),
+                self.model.load_text_encoder(device=device()),
+                self.model.caption_projection(self.engine.dtype, device()),
                 max_batch_size=self.settings.text_encoder_max_batch,
                 max_wait_s=self.settings.text_encoder_max_wait_ms / 1000,
                 on_batch=self._observe_encode)
@@ -159,12 +150,9 @@ class ModelService:
         """None when healthy, else why not."""
         if self.engine is None:
             return "engine not started"
-        if self.engine.errored:
-            return f"engine dead: {self.engine.dead_error}"
-        try:
-            await asyncio.wait_for(self.engine.check_health(), timeout=5)
-        except Exception as e:
-            return f"engine health check failed: {type(e).__name__}: {e}"
+        problem = await self.engine.health()
+        if problem is not None:
+            return problem
         stalled = time.monotonic() - self.last_progress
         if self.in_flight and stalled > self.settings.health_stall_s:
             return f"engine wedged: {self.in_flight} images in flight, no progress for " \
@@ -176,13 +164,11 @@ class ModelService:
         return max(1, int(self.in_flight / rate) if rate > 0 else 5)
 
     def admit(self, n: int) -> Reservation:
-        """Reserve room for n images or refuse with 429 (release the reservation when done)."""
+        """Reserve room for n images or raise QueueFull (release the reservation when done)."""
         if self.in_flight + n > self.settings.max_queued_images:
             metrics.ADMISSION_REJECTIONS.labels(self.name).inc()
-            raise ServiceError(429, f"server busy: {self.in_flight} images in flight (limit "
-                               f"{self.settings.max_queued_images}); retry later",
-                               type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(self.retry_after_s())})
+            raise QueueFull(self.in_flight, self.settings.max_queued_images,
+                            self.retry_after_s())
         self._count(n)
         return Reservation(lambda: self._count(-n))
 
@@ -213,23 +199,21 @@ class ModelService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _image(self, index: int, condition: Condition, seed: int,
+    async def _image(self, index: int, condition: Condition, seed: int | None,
                      options: SamplingOptions, partial_images: int, vllm_id: str,
                      events: asyncio.Queue[Preview | Finished | BaseException]) -> None:
-        from vllm.sampling_params import RequestOutputKind
-
-        assert self.decoder is not None
+        assert self.decoder is not None and self.engine is not None
         grid = self.model.grid_size
         start = time.monotonic()
-        params = sampling_params(self.model, options, seed,
-                                 output_kind=RequestOutputKind.DELTA)
+        params = sampling_params(self.model, options, seed, stream=True)
         prompt = condition.prompt(self.model)
         pending_previews = preview_rows(grid, partial_images)
         tokens: list[int] = []
         finished = False
         try:
-            async for out in self.engine.generate(prompt, params, vllm_id):
-                tokens.extend(out.outputs[0].token_ids)
+            async for new_tokens, done in self.engine.generate(prompt, params, vllm_id):
+                tokens.extend(new_tokens)
+                finished = done
                 self.last_progress = time.monotonic()
                 while pending_previews and len(tokens) >= pending_previews[0] * grid:
                     rows = pending_previews.pop(0)
@@ -238,7 +222,6 @@ class ModelService:
                     if k == 0:
                         metrics.FIRST_PREVIEW.labels(self.name).observe(time.monotonic() - start)
                     await events.put(Preview(index, k, self._canvas(top)))
-                finished = out.finished
             if len(tokens) != grid * grid:
                 raise RuntimeError(f"engine returned {len(tokens)} tokens for a "
                                    f"{grid}x{grid} grid")
@@ -247,8 +230,7 @@ class ModelService:
             metrics.IMAGES_GENERATED.labels(self.name).inc()
             metrics.IMAGE_LATENCY.labels(self.name).observe(seconds)
             self.throughput.add()
-            await events.put(Finished(index, condition, None if options.greedy else seed,
-                                      tokens, pixels, seconds))
+            await events.put(Finished(index, condition, seed, tokens, pixels, seconds))
         except asyncio.CancelledError:
             if not finished:
                 metrics.ABORTED.labels(self.name).inc()

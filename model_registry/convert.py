@@ -19,8 +19,6 @@ from model_registry.checkpoint import (
 )
 from model_registry.configs import (
     ConfigError,
-    GPTConfig,
-    padded_head_size,
     resolve_gpt_config,
     resolve_vq_config,
 )
@@ -35,6 +33,7 @@ from model_registry.model_dir import (
     load_model_dir,
     parse_class_names,
 )
+from model_registry.plugin import vllm_config
 from model_registry.text_encoder import T5_MAX_LENGTH, text_encoder_section
 from vq_decoder.vq_model import VQConfig, VQModel
 
@@ -44,37 +43,6 @@ def software_version() -> str:
         return version("llamagen-serve")
     except PackageNotFoundError:
         return "unknown"
-
-
-def vllm_config(gpt: GPTConfig, image_size: int, downsample: int,
-                text_encoder: dict | None = None) -> dict:
-    """config.json: what vLLM reads (sizes for the KV cache, the architecture) + our section."""
-    config = {
-        "architectures": ["LlamaGenForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": gpt.dim,
-        "num_hidden_layers": gpt.n_layer,
-        "num_attention_heads": gpt.n_head,
-        "num_key_value_heads": gpt.n_head,
-        "head_dim": padded_head_size(gpt.head_dim),
-        "intermediate_size": gpt.ffn_hidden,
-        "rms_norm_eps": gpt.norm_eps,
-        "hidden_act": "silu",
-        # Prompt ids are image codes, then class ids offset by the codebook size, then null.
-        "vocab_size": gpt.vocab_size + gpt.num_classes + 1,
-        "max_position_embeddings": gpt.cls_token_num + gpt.block_size,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "llamagen": {"gpt": gpt.to_dict(), "image_size": image_size, "downsample": downsample},
-    }
-    if gpt.model_type == "t2i":
-        # The prompt is caption embeddings, so no id beyond the codebook is ever fed.
-        config["vocab_size"] = gpt.vocab_size
-        # Turns on vLLM's per-request positions (see model_registry/vllm_model.py); the
-        # sections describe the 2D RoPE's pairs: none temporal, hd/4 by row, hd/4 by column.
-        config["mrope_section"] = [0, gpt.head_dim // 4, gpt.head_dim // 4]
-        config["llamagen"]["text_encoder"] = text_encoder
-    return config
 
 
 def _config_source(spec: str) -> str:

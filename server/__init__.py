@@ -1,1 +1,1 @@
-"""CLI, engine wiring and (later) the HTTP layer."""
+"""The HTTP layer: FastAPI app, protocol models, serving objects, routers."""

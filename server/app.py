@@ -1,8 +1,7 @@
-"""The FastAPI application: lifespan (engines, decoders), middleware, error envelope, routers.
+"""The FastAPI application: lifespan (model services), middleware, error handlers, routers.
 
-Every error a client sees is OpenAI's envelope `{"error": {message, type, param, code}}` with
-the right status; no stack trace leaves the server. Every response carries `X-Request-Id`
-(the client's, if it sent a sane one).
+Every response carries `X-Request-Id` (the client's, if it sent a sane one); every error is
+OpenAI's envelope (`server.errors`).
 """
 
 from __future__ import annotations
@@ -16,18 +15,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.service import ModelService
 from model_registry.model_dir import load_model_dir
 from server.deps import AppState
+from server.errors import add_error_handlers, error_response
 from server.image_store import ImageStore
-from server.protocol import ErrorInfo, ErrorResponse
 from server.routers import native, openai_images, ops, playground
-from server.service import ModelService, ServiceError
 from server.settings import ServerSettings
 
 log = logging.getLogger("llamagen.server")
@@ -53,13 +49,6 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-
-
-def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 class RequestContext:
@@ -117,40 +106,6 @@ class RequestContext:
 
 class BodyTooLarge(Exception):
     pass
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
-    if err.get("type") == "model_attributes_type" or not loc:
-        return f"request body: {err.get('msg')}", None
-    param = ".".join(loc)
-    return f"{param}: {err.get('msg')}", param
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param,
-                              code=exc.code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(400, message, param=param, code="invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail),
-                              type="invalid_request_error" if exc.status_code < 500
-                              else "server_error", headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", extra={"request_id": request.state.request_id})
-        return error_response(500, "internal server error", type="server_error")
 
 
 def create_app(settings: ServerSettings) -> FastAPI:

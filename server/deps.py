@@ -10,8 +10,9 @@ from typing import TypeVar
 
 from fastapi import Depends, Request
 
+from engine.service import ModelService
+from server.errors import ServiceError
 from server.image_store import ImageStore
-from server.service import ModelService, ServiceError
 from server.settings import ServerSettings
 
 T = TypeVar("T")

@@ -9,8 +9,9 @@ import secrets
 import time
 from pathlib import Path
 
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp)$")
+from vq_decoder.encoding import BY_EXTENSION, IMAGE_FORMATS, FormatSpec
+
+NAME = re.compile(rf"^[0-9a-f]{{32}}\.({'|'.join(BY_EXTENSION)})$")
 
 
 class ImageStore:
@@ -20,14 +21,14 @@ class ImageStore:
         self._task: asyncio.Task[None] | None = None
 
     def save(self, data: bytes, fmt: str) -> str:
-        name = f"{secrets.token_hex(16)}.{EXTENSIONS[fmt]}"
+        name = f"{secrets.token_hex(16)}.{IMAGE_FORMATS[fmt].extension}"
         tmp = self.directory / f".{name}.tmp"
         tmp.write_bytes(data)
         tmp.rename(self.directory / name)  # readers never see a partial file
         return name
 
-    def path(self, name: str) -> Path | None:
-        """The file for `name`, or None if unknown, malformed or expired."""
+    def path(self, name: str) -> tuple[Path, FormatSpec] | None:
+        """The file for `name` and its format, or None if unknown, malformed or expired."""
         if not NAME.match(name):
             return None
         path = self.directory / name
@@ -38,7 +39,7 @@ class ImageStore:
         if age > self.ttl_s:
             path.unlink(missing_ok=True)
             return None
-        return path
+        return path, BY_EXTENSION[path.suffix[1:]]
 
     def sweep(self) -> int:
         now, removed = time.time(), 0

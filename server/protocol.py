@@ -10,31 +10,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model_registry.model_dir import ModelDir
-from server.generation import SamplingOptions
+from engine.sampling import overrides_model
+from vq_decoder.encoding import ImageFormat as OutputFormat
 
-OutputFormat = Literal["png", "jpeg", "webp"]
-
-
-class SamplingExtensions(BaseModel):
-    """Extension fields shared by both APIs (all optional; defaults are the original demo's)."""
-
-    cfg_scale: float | None = Field(None, ge=0, le=100, description="guidance scale; <= 1 off")
-    cfg_interval: int | None = Field(None, ge=-1, description="-1: guide every token; n: "
-                                     "guide image tokens 0..n+1")
-    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy")
-    top_k: int | None = Field(None, ge=0, description="0 disables top-k")
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i")
-
-    def sampling_options(self, model: ModelDir) -> SamplingOptions:
-        """The fields given, over the model's task defaults."""
-        fields = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "seed")
-        return SamplingOptions.for_model(model, **{k: getattr(self, k) for k in fields
-                                                   if getattr(self, k) is not None})
+# Sampling extension fields, generated from engine.sampling.SamplingOptions (absent: the
+# model's default). OpenAI's surface has no `greedy` (temperature 0 means greedy there).
+OpenAISampling = overrides_model("OpenAISampling", exclude=("greedy",))
+NativeSampling = overrides_model("NativeSampling")
 
 
-class ImageGenerationRequest(SamplingExtensions):
+class ImageGenerationRequest(OpenAISampling):  # type: ignore[misc, valid-type]
     """POST /v1/images/generations. For class-conditional models `prompt` is a class id
     ("207") or name ("golden retriever"); for text-conditional ones it is the caption
     (cleaned and truncated to 120 T5 tokens, as the original does)."""
@@ -152,7 +137,7 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class NativeGenerateRequest(SamplingExtensions):
+class NativeGenerateRequest(NativeSampling):  # type: ignore[misc, valid-type]
     """POST /v1/generate: a batch of images, one per label (c2i models) or per prompt (t2i)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -161,7 +146,6 @@ class NativeGenerateRequest(SamplingExtensions):
                                            description="c2i: class ids or names")
     prompts: list[str] | None = Field(None, min_length=1, description="t2i: captions")
     model: str | None = None
-    greedy: bool = False
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
     return_tokens: bool = False

@@ -1,6 +1,7 @@
-"""Server configuration: one pydantic-settings class.
+"""Server configuration: one pydantic-settings class (the engine's and the model service's
+fields, from `engine.settings`, plus the HTTP server's).
 
-Every field is a `llamagen serve --flag` (generated from the field, see `server.cli`) and a
+Every field is a `llamagen serve --flag` (generated from the field, see `cli.main`) and a
 `LLAMAGEN_<FIELD>` environment variable; a flag wins over the variable. List fields take
 several values (`--model a b`) or JSON in the variable (`LLAMAGEN_MODEL='["a","b"]'`).
 """
@@ -12,10 +13,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine import EngineSettings
+from engine.settings import ServiceSettings
 
 
-class ServerSettings(EngineSettings, BaseSettings):
+class ServerSettings(ServiceSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLAMAGEN_", extra="ignore")
 
     model: list[Path] = Field(default_factory=list, description="model directories to serve "
@@ -25,27 +26,14 @@ class ServerSettings(EngineSettings, BaseSettings):
     api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY` "
                                       "on every /v1 route")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
-    max_queued_images: int = Field(64, ge=1, description="images admitted at once (queued + "
-                                   "running) per model; beyond it requests get 429")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight "
                                    "requests may finish")
-    health_stall_s: float = Field(120.0, gt=0, description="/health fails when images are in "
-                                  "flight but the engine produced nothing for this long")
     image_dir: Path = Field(Path("/tmp/llamagen-images"), description="where url-format "
                             "images are stored")
     image_ttl_s: float = Field(3600.0, gt=0, description="how long url-format images live")
     public_url: str | None = Field(None, description="base URL for image links (default: the "
                                    "request's own)")
-    decoder_max_batch: int = Field(32, ge=1, description="VQ decode micro-batch size")
-    decoder_max_wait_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")
-    decoder_threads: int | None = Field(None, ge=1, description="CPU threads for VQ decoding "
-                                        "(default: a quarter of the cores, at least 1)")
-    decoder_compile: bool = Field(False, description="torch.compile the decoder (CUDA)")
-    text_encoder_max_batch: int = Field(32, ge=1, description="t2i: captions per T5 batch "
-                                        "(prompts of concurrent requests encode together)")
-    text_encoder_max_wait_ms: float = Field(2.0, ge=0, description="t2i: longest wait to "
-                                            "fill a caption batch")
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @model_validator(mode="after")

@@ -1,14 +1,13 @@
 """Shared fixtures: golden vectors, tiny random models in the official format, vLLM engines.
 
 vLLM runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `build_llm`) with small KV
-caches; engines are module-scoped so each starts once.
+caches; engines are module-scoped so each starts once. Helpers are in helpers.py.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,34 +17,14 @@ from model_registry.configs import GPTConfig
 from model_registry.convert import convert
 from model_registry.model_dir import ModelDir
 from model_registry.synthetic import save_gpt_checkpoint, save_vq_checkpoint
-from vq_decoder.vq_model import VQConfig
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("LLAMAGEN_GOLDEN", REPO.parent / "shared" / "data" / "golden"))
-
-# A 2-layer GPT with head_dim 64 (the CPU attention backend needs >= 32) over a 256-code book.
-TINY = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, num_classes=10, cls_token_num=1,
-            model_type="c2i", class_dropout_prob=0.1)
-TINY_VQ = VQConfig(codebook_size=256, codebook_embed_dim=8, encoder_ch_mult=(1, 1, 2, 2, 2),
-                   decoder_ch_mult=(1, 1, 2, 2, 2), z_channels=32, ch=32)
-
-
-# The t2i twin: 120 caption slots of a 64-wide (tiny T5) caption, an 8x8 grid.
-TINY_T2I = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, caption_dim=64, cls_token_num=120,
-                block_size=64, model_type="t2i", class_dropout_prob=0.1)
-
-
-def tiny_config(grid: int = 16, **overrides: object) -> GPTConfig:
-    return GPTConfig(**{**TINY, "block_size": grid * grid, **overrides})
+from .helpers import GOLDEN, TINY_T2I, TINY_VQ, make_model_dir, tiny_config
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    if not (GOLDEN / "c2i_expected.json").is_file():
-        # CI always has ../shared; elsewhere say why instead of passing silently.
-        if os.environ.get("CI"):
-            pytest.fail(f"golden vectors missing at {GOLDEN}")
-        pytest.skip(f"golden vectors not found at {GOLDEN} (set LLAMAGEN_GOLDEN)")
+    # In the repository: missing files are a broken checkout, never a skip.
+    assert (GOLDEN / "c2i_expected.json").is_file(), f"golden vectors missing at {GOLDEN}"
     return GOLDEN
 
 
@@ -59,15 +38,6 @@ def golden_model(golden: Path, tmp_path_factory: pytest.TempPathFactory) -> Mode
     out = tmp_path_factory.mktemp("golden") / "model"
     return convert(golden / "c2i_gpt.pt", str(golden / "c2i_gpt.json"), out,
                    vq_checkpoint=golden / "vq.pt", vq_model=str(golden / "vq.json"))
-
-
-def make_model_dir(root: Path, config: GPTConfig, *, seed: int = 0, with_vq: bool = True,
-                   name: str = "tiny") -> ModelDir:
-    root.mkdir(parents=True, exist_ok=True)
-    ckpt = save_gpt_checkpoint(config, root / "gpt.pt", seed=seed)
-    vq = save_vq_checkpoint(TINY_VQ, root / "vq.pt", seed=seed) if with_vq else None
-    return convert(ckpt, json.dumps(config.to_dict()), root / name,
-                   vq_checkpoint=vq, vq_model=json.dumps(TINY_VQ.to_dict()) if vq else None)
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +67,8 @@ def t2i_served_model(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
 @pytest.fixture(scope="module")
 def engine_factory() -> Iterator:
     """Builds in-process engines; frees them when the module ends."""
-    from server.engine import EngineSettings, build_llm
+    from engine.settings import EngineSettings
+    from engine.vllm_api import build_llm
 
     made: list = []
 

@@ -1,9 +1,14 @@
-"""A real `llamagen serve` process on loopback, for the HTTP tests."""
+"""What several test modules share: tiny models in the official format, the reference
+generation the engine is held to, the CLI and a real server process as a user runs them,
+the browser, and the deployment's metric names. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +17,94 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
+import torch
+
+from engine.conditions import Condition
+from engine.sampling import SamplingOptions
+from model_registry.configs import GPTConfig
+from model_registry.convert import convert
+from model_registry.generate import generate
+from model_registry.model_dir import ModelDir
+from model_registry.synthetic import save_gpt_checkpoint, save_vq_checkpoint
+from model_registry.text_encoder import left_pad
+from vq_decoder.vq_model import VQConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# Golden vectors, copied into the repository (tests/golden/README.md says from where).
+GOLDEN = REPO / "tests" / "golden"
+
+# ---- tiny models ----
+
+# A 2-layer GPT with head_dim 64 (the CPU attention backend needs >= 32) over a 256-code book.
+TINY = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, num_classes=10, cls_token_num=1,
+            model_type="c2i", class_dropout_prob=0.1)
+TINY_VQ = VQConfig(codebook_size=256, codebook_embed_dim=8, encoder_ch_mult=(1, 1, 2, 2, 2),
+                   decoder_ch_mult=(1, 1, 2, 2, 2), z_channels=32, ch=32)
+# The t2i twin: 120 caption slots of a 64-wide (tiny T5) caption, an 8x8 grid.
+TINY_T2I = dict(dim=128, n_layer=2, n_head=2, vocab_size=256, caption_dim=64, cls_token_num=120,
+                block_size=64, model_type="t2i", class_dropout_prob=0.1)
+
+
+def tiny_config(grid: int = 16, **overrides: object) -> GPTConfig:
+    return GPTConfig(**{**TINY, "block_size": grid * grid, **overrides})
+
+
+def make_model_dir(root: Path, config: GPTConfig, *, seed: int = 0, with_vq: bool = True,
+                   name: str = "tiny") -> ModelDir:
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = save_gpt_checkpoint(config, root / "gpt.pt", seed=seed)
+    vq = save_vq_checkpoint(TINY_VQ, root / "vq.pt", seed=seed) if with_vq else None
+    return convert(ckpt, json.dumps(config.to_dict()), root / name,
+                   vq_checkpoint=vq, vq_model=json.dumps(TINY_VQ.to_dict()) if vq else None)
+
+
+# ---- what the engine must reproduce ----
+
+def classes(labels: list[int]) -> list[Condition]:
+    return [Condition(label=label) for label in labels]
+
+
+def reference_tokens(model: ModelDir, labels: list[int], options: SamplingOptions
+                     ) -> list[list[int]]:
+    """c2i: the reference loop's greedy tokens under the options' guidance."""
+    return generate(model.load_reference(), torch.tensor(labels), cfg_scale=options.cfg_scale,
+                    cfg_interval=options.cfg_interval, greedy=True).tolist()
+
+
+def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float
+                         ) -> list[list[int]]:
+    """t2i: the reference's greedy tokens for captions' valid feature rows (left-padded and
+    masked, as the original)."""
+    features, masks = left_pad(valid)
+    return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
+                    greedy=True).tolist()
+
+
+def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:
+    """The golden tolerance: at most 1 level off, in at most 0.1% of the values."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
+
+
+# ---- the CLI ----
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("llamagen: error:")]
+    assert len(lines) == 1, result.stderr
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+# ---- a real `llamagen serve` process on loopback ----
 
 API_KEY = "sk-test-key"
 
@@ -27,7 +120,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "server.log"
-        args = [sys.executable, "-m", "server.cli", "serve", "--model", *map(str, model_dirs),
+        args = [sys.executable, "-m", "cli.main", "serve", "--model", *map(str, model_dirs),
                 "--port", str(self.port), "--api-key", API_KEY, "--dtype", "float32",
                 "--image-dir", str(workdir / "images"), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -94,3 +187,41 @@ def metric(samples: dict[str, float], name: str, **labels: str) -> float:
         if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += value
     return total
+
+
+# ---- the browser ----
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("LLAMAGEN_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def ensure_browser() -> None:
+    """Install Debian's chromium if it is missing; skip (saying why) only if that fails."""
+    if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True,
+                       timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing and apt-get could not install it")
+
+
+# ---- deployment ----
+
+DEPLOY = REPO / "deploy"
+METRIC = re.compile(r"\b(llamagen_[a-z_]+|vllm:[a-z_]+)")
+SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def deploy_metric_names() -> set[str]:
+    """Every metric the HPA, the adapter rules and the dashboard use (base names)."""
+    texts = [(DEPLOY / "k8s" / "base" / "hpa.yaml").read_text(),
+             (DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-values.yaml").read_text(),
+             (DEPLOY / "compose" / "grafana" / "dashboards" / "llamagen.json").read_text()]
+    names = set()
+    for name in METRIC.findall("\n".join(texts)):
+        for suffix in SUFFIXES:
+            if name.endswith(suffix) and not name.endswith("_total"):
+                name = name.removesuffix(suffix)
+        names.add(name)
+    return names

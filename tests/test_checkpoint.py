@@ -15,7 +15,7 @@ from model_registry.gpt import Transformer, precompute_freqs_cis_2d
 from model_registry.model_dir import load_model_dir
 from model_registry.synthetic import random_gpt_state_dict, save_gpt_checkpoint
 
-from .conftest import tiny_config
+from .helpers import tiny_config
 
 
 @pytest.mark.parametrize("layout,stale", [("ddp", False), ("ddp", True), ("fsdp", False),

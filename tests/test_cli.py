@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import tiny_config
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("llamagen: error:")]
-    assert len(lines) == 1, result.stderr
-    assert pattern in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
+from .helpers import assert_one_line_error, run_cli, tiny_config
 
 
 def test_models_lists_the_zoo():
@@ -86,7 +69,7 @@ def test_convert_then_generate_tokens_match_reference(tmp_path, tiny_model):
 
 
 def test_server_settings_from_env_and_flags(monkeypatch):
-    from server.cli import build_parser, model_from_flags
+    from cli.main import build_parser, model_from_flags
     from server.settings import ServerSettings
 
     monkeypatch.setenv("LLAMAGEN_MAX_QUEUED_IMAGES", "40")

@@ -9,7 +9,7 @@ import pytest
 from model_registry.demo import DEMO_MODEL
 from model_registry.model_dir import load_model_dir
 
-from .test_cli import run_cli
+from .helpers import run_cli
 
 
 def test_demo_model_is_committed_and_small():
@@ -23,7 +23,7 @@ def test_demo_model_is_committed_and_small():
 
 @pytest.fixture(scope="module")
 def demo_report(engine_factory):
-    from model_registry.demo.evaluate import evaluate_demo
+    from bench.demo_eval import evaluate_demo
 
     model = load_model_dir(DEMO_MODEL)
     llm = engine_factory(model, max_num_seqs=200)

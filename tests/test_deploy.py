@@ -1,11 +1,10 @@
 """Deployment files: manifests valid for a pinned Kubernetes, overlays render, Dockerfile and
 YAML lint clean, compose and dashboard parse. Metric names are checked against a running
-server in test_server.py (`deploy_metric_names`)."""
+server in test_server.py (`helpers.deploy_metric_names`)."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -14,11 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DEPLOY = REPO / "deploy"
+from .helpers import DEPLOY, REPO, deploy_metric_names
+
 KUBERNETES_VERSION = "1.34.0"  # the schemas manifests are validated against
-METRIC = re.compile(r"\b(llamagen_[a-z_]+|vllm:[a-z_]+)")
-SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def render(overlay: str) -> list[dict]:
@@ -28,20 +25,6 @@ def render(overlay: str) -> list[dict]:
     out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
                          capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def deploy_metric_names() -> set[str]:
-    """Every metric the HPA, the adapter rules and the dashboard use (base names)."""
-    texts = [(DEPLOY / "k8s" / "base" / "hpa.yaml").read_text(),
-             (DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-values.yaml").read_text(),
-             (DEPLOY / "compose" / "grafana" / "dashboards" / "llamagen.json").read_text()]
-    names = set()
-    for name in METRIC.findall("\n".join(texts)):
-        for suffix in SUFFIXES:
-            if name.endswith(suffix) and not name.endswith("_total"):
-                name = name.removesuffix(suffix)
-        names.add(name)
-    return names
 
 
 @pytest.mark.parametrize("overlay", ["gpu", "cpu"])

@@ -4,30 +4,12 @@ against a real server on the demo model with an API key."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from model_registry.demo import DEMO_MODEL
 
-from .server_harness import API_KEY, ServerProcess
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(os.environ.get("LLAMAGEN_TEST_ARTIFACTS",
-                                Path(__file__).resolve().parents[1] / "test-artifacts"))
-
-
-def ensure_browser() -> None:
-    """Install Debian's chromium if it is missing; skip (saying why) only if that fails."""
-    if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True,
-                       timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no browser: {CHROMIUM} is missing and apt-get could not install it")
+from .helpers import API_KEY, ARTIFACTS, CHROMIUM, FLAGS, ServerProcess, ensure_browser
 
 
 @pytest.fixture(scope="module")

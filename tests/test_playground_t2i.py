@@ -3,8 +3,7 @@ test_playground is gone before this one starts: one server at a time on small ma
 
 from __future__ import annotations
 
-from .server_harness import API_KEY, ServerProcess
-from .test_playground import ARTIFACTS, CHROMIUM, FLAGS, ensure_browser
+from .helpers import API_KEY, ARTIFACTS, CHROMIUM, FLAGS, ServerProcess, ensure_browser
 
 
 def test_text_model_takes_a_caption(t2i_served_model, tmp_path):

@@ -19,9 +19,15 @@ from PIL import Image
 
 from vq_decoder.encoding import DIGITAL_SOURCE_TYPE, read_metadata
 
-from .conftest import TINY_VQ, tiny_config
-from .server_harness import API_KEY, ServerProcess, metric
-from .test_vq_decoder import assert_pixels_close
+from .helpers import (
+    API_KEY,
+    TINY_VQ,
+    ServerProcess,
+    assert_pixels_close,
+    deploy_metric_names,
+    metric,
+    tiny_config,
+)
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star", "crane", "crane",
          "purple heart", "orange ring", "black cross", "white moon"]
@@ -330,7 +336,6 @@ def test_metrics_expose_ours_and_vllms(server):
 
 def test_deploy_metric_names_are_exported(server):
     """The autoscaler, the adapter rules and the dashboard use metrics the server exports."""
-    from .test_deploy import deploy_metric_names
 
     text = httpx.get(f"{server.url}/metrics").text
     exported = {line.split()[2] for line in text.splitlines()

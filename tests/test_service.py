@@ -8,11 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.service import ModelService, ServiceError, preview_rows
-from server.settings import ServerSettings
+from engine.service import ModelService, QueueFull, preview_rows
+from engine.settings import ServiceSettings
+from engine.vllm_api import AsyncEngine
+from server.errors import ServiceError
 
 
-class FakeEngine:
+class FakeAsyncLLM:
+    """What AsyncEngine reads of vLLM's AsyncLLM to judge its health."""
+
     def __init__(self, errored: bool = False, hang: bool = False):
         self.errored, self.hang = errored, hang
         self.dead_error = RuntimeError("EngineCore died")
@@ -22,17 +26,23 @@ class FakeEngine:
             await asyncio.sleep(3600)
 
 
+def fake_engine(**kwargs: bool) -> AsyncEngine:
+    engine = AsyncEngine.__new__(AsyncEngine)  # the real wrapper around a fake AsyncLLM
+    engine._llm = FakeAsyncLLM(**kwargs)
+    return engine
+
+
 def service(**settings: object) -> ModelService:
     model = SimpleNamespace(name=f"m{time.monotonic_ns()}", image_size=64)
-    return ModelService(model, ServerSettings(**settings))  # type: ignore[arg-type]
+    return ModelService(model, ServiceSettings(**settings))  # type: ignore[arg-type]
 
 
 def test_health_dead_wedged_and_ok():
     s = service(health_stall_s=1.0)
     assert asyncio.run(s.check_health()) == "engine not started"
-    s.engine = FakeEngine(errored=True)
+    s.engine = fake_engine(errored=True)
     assert "engine dead" in asyncio.run(s.check_health())
-    s.engine = FakeEngine()
+    s.engine = fake_engine()
     assert asyncio.run(s.check_health()) is None
     s.in_flight, s.last_progress = 3, time.monotonic() - 5
     assert "wedged" in asyncio.run(s.check_health())
@@ -41,11 +51,13 @@ def test_health_dead_wedged_and_ok():
 
 
 def test_admission_reserves_and_releases():
-    s = service(max_queued_images=12, max_images_per_request=10)
+    s = service(max_queued_images=12)
     first = s.admit(10)
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(QueueFull) as e:
         s.admit(3)
-    assert e.value.status == 429 and int(e.value.headers["Retry-After"]) >= 1
+    assert e.value.retry_after_s >= 1
+    refusal = ServiceError.queue_full(e.value)  # what the client gets
+    assert refusal.status == 429 and int(refusal.headers["Retry-After"]) >= 1
     with s.admit(2):
         assert s.in_flight == 12
     first.release()

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from engine.offline import OfflineGenerator
+from engine.sampling import SamplingOptions
 from model_registry.configs import ConfigError, GPTConfig
 from model_registry.convert import convert
 from model_registry.generate import generate
 from model_registry.model_dir import ModelDir
 from model_registry.synthetic import save_gpt_checkpoint, save_tiny_t5
 from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
-from server.generation import OfflineGenerator, SamplingOptions
 
-from .conftest import TINY_T2I
+from .helpers import TINY_T2I, assert_one_line_error, reference_t2i_tokens, run_cli
 
 # From one caption token (an empty caption is just </s>) to one truncated at 120.
 CAPTIONS = ["", "cat", "a red car on a street at night",
@@ -57,13 +58,6 @@ def tiny_t2i_engine(tiny_t2i: ModelDir, engine_factory) -> OfflineGenerator:
     return OfflineGenerator(tiny_t2i, engine_factory(tiny_t2i, max_num_seqs=3))
 
 
-def reference_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float
-                     ) -> list[list[int]]:
-    features, masks = left_pad(valid)
-    return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
-                    greedy=True).tolist()
-
-
 def test_reference_golden_t2i(golden_t2i, golden_captions):
     model, expected = golden_t2i
     features, masks = golden_captions
@@ -83,7 +77,7 @@ def test_engine_golden_t2i(golden_t2i, golden_captions, engine_factory):
     for setting in expected["settings"]:
         options = SamplingOptions(cfg_scale=setting["cfg_scale"],
                                   cfg_interval=setting["cfg_interval"], greedy=True)
-        tokens, _ = engine.generate(valid, options)
+        tokens, _ = engine.generate(engine.caption_features(valid), options)
         assert tokens == setting["tokens"], setting["cfg_scale"]
 
 
@@ -123,8 +117,9 @@ def test_engine_matches_reference_with_mixed_caption_lengths(tiny_t2i, tiny_capt
     """Five captions (1 to 120 tokens) in one submission, three running at a time; the same
     caption twice shares its prefix-cached prompt."""
     valid = [c.features for c in tiny_captions] + [tiny_captions[2].features]
-    tokens, _ = tiny_t2i_engine.generate(valid, SamplingOptions(cfg_scale=cfg_scale, greedy=True))
-    assert tokens == reference_tokens(tiny_t2i, valid, cfg_scale)
+    tokens, _ = tiny_t2i_engine.generate(tiny_t2i_engine.caption_features(valid),
+                                         SamplingOptions(cfg_scale=cfg_scale, greedy=True))
+    assert tokens == reference_t2i_tokens(tiny_t2i, valid, cfg_scale)
     assert tokens[2] == tokens[-1]
 
 
@@ -133,7 +128,8 @@ def test_parity_under_preemption(tiny_t2i, engine_factory):
     recomputed from their prompt embeddings at the same per-request positions."""
     from vllm.v1.metrics.reader import Counter
 
-    from server.engine import EngineSettings, cpu_kv_cache_bytes
+    from engine.settings import EngineSettings
+    from engine.vllm_api import cpu_kv_cache_bytes
 
     g = torch.Generator().manual_seed(11)
     valid = [torch.randn(n, TINY_T2I["caption_dim"], generator=g)
@@ -141,9 +137,10 @@ def test_parity_under_preemption(tiny_t2i, engine_factory):
     kv_gib = cpu_kv_cache_bytes(tiny_t2i, EngineSettings(max_num_seqs=2), "float32") / 2**30
     llm = engine_factory(tiny_t2i, max_num_seqs=6, kv_cache_gib=kv_gib,
                          disable_log_stats=False, enable_prefix_caching=False)
-    tokens, _ = OfflineGenerator(tiny_t2i, llm).generate(
-        valid, SamplingOptions(cfg_scale=4.0, greedy=True))
-    assert tokens == reference_tokens(tiny_t2i, valid, 4.0)
+    engine = OfflineGenerator(tiny_t2i, llm)
+    tokens, _ = engine.generate(engine.caption_features(valid),
+                                SamplingOptions(cfg_scale=4.0, greedy=True))
+    assert tokens == reference_t2i_tokens(tiny_t2i, valid, 4.0)
     preemptions = sum(m.value for m in llm.get_metrics()
                       if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
     assert preemptions > 0
@@ -202,8 +199,6 @@ def test_convert_fetches_a_hub_text_encoder_or_says_why_not(tmp_path, monkeypatc
 
 def test_cli_convert_then_generate_prompts(tmp_path, tiny_t2i):
     """`llamagen convert --text-encoder` then `llamagen generate --prompts`, end to end."""
-    from .test_cli import assert_one_line_error, run_cli
-
     ckpt = save_gpt_checkpoint(GPTConfig(**TINY_T2I), tmp_path / "t2i.pt", seed=3)
     (tmp_path / "gpt.json").write_text(json.dumps(TINY_T2I))
     t5 = tiny_t2i.text_encoder["name_or_path"]
@@ -219,7 +214,7 @@ def test_cli_convert_then_generate_prompts(tmp_path, tiny_t2i):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["prompts"] == prompts
     valid = [c.features for c in tiny_t2i.load_text_encoder().encode(prompts)]
-    assert json.loads(tokens_out.read_text()) == reference_tokens(tiny_t2i, valid, 7.5)
+    assert json.loads(tokens_out.read_text()) == reference_t2i_tokens(tiny_t2i, valid, 7.5)
     result = run_cli("generate", "--model", str(tmp_path / "model"), "--labels", "3",
                      "--tokens-out", str(tokens_out))
     assert_one_line_error(result, "text-conditional: give --prompts")
@@ -230,7 +225,7 @@ def test_caption_service_batches_requests_and_keeps_each_together(tiny_t2i):
     to encoding and projecting them alone; a request's prompts never split across batches."""
     import asyncio
 
-    from server.captions import CaptionService
+    from engine.captions import CaptionService
 
     encoder = tiny_t2i.load_text_encoder()
     projection = tiny_t2i.caption_projection()
@@ -258,7 +253,7 @@ def test_caption_service_batches_requests_and_keeps_each_together(tiny_t2i):
 def test_caption_service_stop_fails_waiting_requests(tiny_t2i):
     import asyncio
 
-    from server.captions import CaptionService
+    from engine.captions import CaptionService
 
     async def run():
         service = CaptionService(tiny_t2i.load_text_encoder(), tiny_t2i.caption_projection(),

@@ -16,9 +16,7 @@ from PIL import Image
 from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
 from vq_decoder.encoding import read_metadata
 
-from .conftest import TINY_T2I
-from .server_harness import API_KEY, ServerProcess, metric
-from .test_t2i import reference_tokens
+from .helpers import API_KEY, TINY_T2I, ServerProcess, metric, reference_t2i_tokens
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = " ".join(["a photo of two dogs running on the beach at night"] * 20)
@@ -50,7 +48,7 @@ def test_models_say_the_task(client):
     assert card.model_extra["task"] == "t2i" and card.model_extra["num_classes"] == 0
 
 
-def test_native_prompts_give_the_reference_tokens(server, t2i_model):
+def test_native_prompts_give_the_reference_t2i_tokens(server, t2i_model):
     prompts = ["a red cat", "cat", LONG]
     response = native(server, {"prompts": prompts, "greedy": True, "cfg_scale": 7.5,
                                 "return_tokens": True})
@@ -59,7 +57,7 @@ def test_native_prompts_give_the_reference_tokens(server, t2i_model):
     assert [img["prompt"] for img in images] == [clean_caption(p) for p in prompts]
     assert all(img["class_label"] is None for img in images)
     valid = [c.features for c in t2i_model.load_text_encoder().encode(prompts)]
-    assert [img["tokens"] for img in images] == reference_tokens(t2i_model, valid, 7.5)
+    assert [img["tokens"] for img in images] == reference_t2i_tokens(t2i_model, valid, 7.5)
 
 
 def test_openai_client_text_prompt(client, t2i_model):

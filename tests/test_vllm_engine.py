@@ -6,16 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.offline import OfflineGenerator
+from engine.sampling import SamplingOptions
 from model_registry.cfg import guidance_args
-from model_registry.generate import generate
 from model_registry.plugin import CFG_PROCESSOR
-from server.generation import OfflineGenerator, SamplingOptions
 
-
-def reference_tokens(model_dir, labels, options: SamplingOptions) -> list[list[int]]:
-    ref = model_dir.load_reference()
-    return generate(ref, torch.tensor(labels), cfg_scale=options.cfg_scale,
-                    cfg_interval=options.cfg_interval, greedy=True).tolist()
+from .helpers import classes, reference_tokens
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def test_engine_golden_greedy_tokens(golden_engine, golden_expected):
     for setting in golden_expected["settings"]:
         options = SamplingOptions(cfg_scale=setting["cfg_scale"],
                                   cfg_interval=setting["cfg_interval"], greedy=True)
-        tokens, _ = golden_engine.generate(golden_expected["labels"], options)
+        tokens, _ = golden_engine.generate(classes(golden_expected["labels"]), options)
         assert tokens == setting["tokens"], setting
 
 
@@ -42,7 +38,7 @@ def test_engine_golden_greedy_tokens(golden_engine, golden_expected):
 def test_parity_with_reference_16x16(tiny_engine, tiny_model, cfg_scale, cfg_interval):
     labels = [0, 3, 9]
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_interval=cfg_interval, greedy=True)
-    tokens, _ = tiny_engine.generate(labels, options)
+    tokens, _ = tiny_engine.generate(classes(labels), options)
     assert tokens == reference_tokens(tiny_model, labels, options)
 
 
@@ -51,7 +47,7 @@ def test_parity_with_reference_24x24(tiny_model_24, engine_factory):
     labels = [2, 7]
     for options in (SamplingOptions(cfg_scale=2.0, greedy=True),
                     SamplingOptions(cfg_scale=1.0, greedy=True)):
-        tokens, _ = engine.generate(labels, options)
+        tokens, _ = engine.generate(classes(labels), options)
         assert all(len(t) == 576 for t in tokens)
         assert tokens == reference_tokens(tiny_model_24, labels, options)
 
@@ -60,7 +56,8 @@ def test_parity_mixed_requests_under_continuous_batching(tiny_engine, tiny_model
     """Ten requests with different guidance in one submission, three running at a time."""
     from vllm.inputs import TokensPrompt
 
-    from server.generation import class_prompt_ids, sampling_params
+    from engine.conditions import class_prompt_ids
+    from engine.vllm_api import sampling_params
 
     cases = [(label, SamplingOptions(cfg_scale=s, cfg_interval=i, greedy=True))
              for label, s, i in [(0, 4.0, -1), (1, 1.0, -1), (2, 2.5, 10), (3, 7.0, -1),
@@ -78,7 +75,8 @@ def test_parity_under_preemption(tiny_model, engine_factory):
     """A KV cache for two whole images, six running: the scheduler preempts and recomputes."""
     from vllm.v1.metrics.reader import Counter
 
-    from server.engine import EngineSettings, cpu_kv_cache_bytes
+    from engine.settings import EngineSettings
+    from engine.vllm_api import cpu_kv_cache_bytes
 
     kv_gib = cpu_kv_cache_bytes(tiny_model, EngineSettings(max_num_seqs=2), "float32") / 2**30
     llm = engine_factory(tiny_model, max_num_seqs=6, kv_cache_gib=kv_gib,
@@ -86,7 +84,7 @@ def test_parity_under_preemption(tiny_model, engine_factory):
     engine = OfflineGenerator(tiny_model, llm)
     labels = [0, 1, 2, 3, 4, 5]
     options = SamplingOptions(cfg_scale=3.0, greedy=True)
-    tokens, _ = engine.generate(labels, options)
+    tokens, _ = engine.generate(classes(labels), options)
     assert tokens == reference_tokens(tiny_model, labels, options)
     preemptions = sum(m.value for m in llm.get_metrics()
                       if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
@@ -95,11 +93,11 @@ def test_parity_under_preemption(tiny_model, engine_factory):
 
 def test_seeded_sampling_is_reproducible(tiny_engine, tiny_model):
     options = SamplingOptions(cfg_scale=4.0, top_k=100, top_p=0.95, temperature=1.0, seed=1234)
-    a, seeds_a = tiny_engine.generate([1, 1, 2], options)
-    b, seeds_b = tiny_engine.generate([1, 1, 2], options)
+    a, seeds_a = tiny_engine.generate(classes([1, 1, 2]), options)
+    b, seeds_b = tiny_engine.generate(classes([1, 1, 2]), options)
     assert a == b and seeds_a == seeds_b == [1234, 1235, 1236]
     assert a[0] != a[1]  # same label, next seed: another image
-    c, _ = tiny_engine.generate([3, 3, 2], options)
+    c, _ = tiny_engine.generate(classes([3, 3, 2]), options)
     assert c[0] != a[0]  # another label, same seed: another image
     ids = torch.tensor(a + c)
     assert ids.min() >= 0 and ids.max() < tiny_model.gpt.vocab_size
@@ -107,14 +105,14 @@ def test_seeded_sampling_is_reproducible(tiny_engine, tiny_model):
 
 def test_unseeded_sampling_reports_its_seeds(tiny_engine):
     options = SamplingOptions(cfg_scale=2.0, top_k=50)
-    tokens, seeds = tiny_engine.generate([4, 4], options)
+    tokens, seeds = tiny_engine.generate(classes([4, 4]), options)
     assert len(set(seeds)) == 2
-    again, _ = tiny_engine.generate([4, 4], options.model_copy(update={"seed": seeds[0]}))
+    again, _ = tiny_engine.generate(classes([4, 4]), options.model_copy(update={"seed": seeds[0]}))
     assert again == tokens
 
 
 def test_ids_stay_in_codebook_at_high_temperature(tiny_engine, tiny_model):
-    tokens, _ = tiny_engine.generate(list(range(6)),
+    tokens, _ = tiny_engine.generate(classes(list(range(6))),
                                      SamplingOptions(cfg_scale=8.0, temperature=2.0, top_k=0,
                                                      seed=0))
     ids = torch.tensor(tokens)
@@ -140,7 +138,7 @@ def test_engine_rejects_invalid_guidance(tiny_engine, tiny_model):
     from vllm.exceptions import VLLMValidationError
     from vllm.inputs import TokensPrompt
 
-    from server.generation import sampling_params
+    from engine.vllm_api import sampling_params
 
     params = sampling_params(tiny_model, SamplingOptions(greedy=True), None)
     params.extra_args = {"cfg_scale": -2.0}
@@ -157,8 +155,8 @@ def test_half_precision_engines_generate_valid_images(tiny_model, engine_factory
     engine = OfflineGenerator(tiny_model, engine_factory(tiny_model, dtype=dtype,
                                                          max_num_seqs=4))
     options = SamplingOptions(cfg_scale=3.0, greedy=True)
-    a, _ = engine.generate([0, 5], options)
-    b, _ = engine.generate([0, 5], options)
+    a, _ = engine.generate(classes([0, 5]), options)
+    b, _ = engine.generate(classes([0, 5]), options)
     assert a == b
     ids = torch.tensor(a)
     assert ids.shape == (2, 256) and ids.min() >= 0 and ids.max() < tiny_model.gpt.vocab_size
@@ -168,7 +166,7 @@ def test_half_precision_engines_generate_valid_images(tiny_model, engine_factory
 
 
 def test_auto_dtype_follows_the_hardware():
-    from server.engine import cpu_has_native_bf16, has_cuda, resolve_dtype
+    from engine.settings import cpu_has_native_bf16, has_cuda, resolve_dtype
 
     assert resolve_dtype("float32") == "float32"
     if not has_cuda():

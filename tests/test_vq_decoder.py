@@ -13,31 +13,24 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.decoding import DecoderService
 from model_registry.checkpoint import CheckpointError, read_checkpoint, strict_state_dict
 from model_registry.synthetic import random_vq_state_dict, save_vq_checkpoint
 from vq_decoder.decoder import to_uint8
 from vq_decoder.encoding import (
     DIGITAL_SOURCE_TYPE,
-    FORMATS,
+    IMAGE_FORMATS,
     encode_image,
     provenance,
     read_metadata,
 )
-from vq_decoder.service import DecoderService
 from vq_decoder.vq_model import VQ_MODELS, VQModel
 
-from .conftest import TINY_VQ
-from .test_cli import run_cli
+from .helpers import TINY_VQ, assert_pixels_close, run_cli
 
 
 def golden_codes(golden_expected) -> torch.Tensor:
     return torch.tensor(golden_expected["settings"][0]["tokens"]).view(4, 16, 16)
-
-
-def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:
-    """The golden tolerance: at most 1 level off, in at most 0.1% of the values."""
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +149,7 @@ def test_service_rejects_ragged_rows(golden_decoder):
         asyncio.run(run())
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", list(IMAGE_FORMATS))
 def test_provenance_round_trip(fmt):
     pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     record = provenance(model="demo", checkpoint_sha256="ab" * 32, seed=7,

@@ -16,16 +16,44 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 ImageFormat = Literal["png", "jpeg", "webp"]
-FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One image format: its API name, file extension, media type and how Pillow saves it.
+
+    compression is 0..100 as in the OpenAI API (`output_compression`): JPEG/WebP quality is
+    100 - compression, PNG's zlib level is compression * 9 / 100. None: quality 90, level 6.
+    """
+
+    name: ImageFormat
+    extension: str
+    media_type: str
+    pillow: str  # Pillow's format name
+
+    def save_options(self, compression: int | None) -> dict[str, Any]:
+        if self.name == "png":
+            return {"compress_level": 6 if compression is None else round(compression * 9 / 100)}
+        return {"quality": 90 if compression is None else max(1, 100 - compression)}
+
+
+# The one image-format table: encoding, the image store, the API protocol and the CLI read it.
+IMAGE_FORMATS: dict[str, FormatSpec] = {
+    "png": FormatSpec("png", "png", "image/png", "PNG"),
+    "jpeg": FormatSpec("jpeg", "jpg", "image/jpeg", "JPEG"),
+    "webp": FormatSpec("webp", "webp", "image/webp", "WEBP"),
+}
+assert tuple(IMAGE_FORMATS) == get_args(ImageFormat)
+BY_EXTENSION = {spec.extension: spec for spec in IMAGE_FORMATS.values()}
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 PNG_KEY = "llamagen"
 EXIF_IMAGE_DESCRIPTION, EXIF_SOFTWARE, EXIF_DATETIME = 0x010E, 0x0131, 0x0132
@@ -70,31 +98,29 @@ def _xmp(record: dict[str, Any]) -> bytes:
 def encode_image(pixels: np.ndarray, fmt: ImageFormat = "png", *,
                  metadata: dict[str, Any] | None = None, compression: int | None = None
                  ) -> bytes:
-    """uint8 (H, W, 3) -> file bytes.
-
-    compression: 0..100 as in the OpenAI API (`output_compression`): JPEG/WebP quality is
-    100 - compression, PNG's zlib level is compression * 9 / 100. None: quality 90, level 6."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unsupported image format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    """uint8 (H, W, 3) -> file bytes (compression: see `FormatSpec`)."""
+    spec = IMAGE_FORMATS.get(fmt)
+    if spec is None:
+        raise ValueError(f"unsupported image format {fmt!r}; choose one of "
+                         f"{', '.join(IMAGE_FORMATS)}")
     if compression is not None and not 0 <= compression <= 100:
         raise ValueError("compression must be in 0..100")
     image = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
     record = metadata or {}
     text = json.dumps(record)
     buf = io.BytesIO()
-    if fmt == "png":
+    if spec.name == "png":
         info = PngImagePlugin.PngInfo()
         info.add_itxt(PNG_KEY, text)
         info.add_itxt("XML:com.adobe.xmp", _xmp(record).decode())
-        level = 6 if compression is None else round(compression * 9 / 100)
-        image.save(buf, "PNG", pnginfo=info, compress_level=level)
+        image.save(buf, spec.pillow, pnginfo=info, **spec.save_options(compression))
     else:
         exif = Image.Exif()
         exif[EXIF_IMAGE_DESCRIPTION] = text
         exif[EXIF_SOFTWARE] = str(record.get("software", "llamagen-serve"))
         exif[EXIF_DATETIME] = datetime.now(UTC).strftime("%Y:%m:%d %H:%M:%S")
-        quality = 90 if compression is None else max(1, 100 - compression)
-        image.save(buf, fmt.upper(), quality=quality, exif=exif, xmp=_xmp(record))
+        image.save(buf, spec.pillow, exif=exif, xmp=_xmp(record),
+                   **spec.save_options(compression))
     return buf.getvalue()
 
 

@@ -1,9 +1,10 @@
 """The LlamaGen VQ tokenizer (tokenizer/tokenizer_image/vq_model.py) in plain PyTorch.
 
 Module and parameter names are the original's, so the official `vq_ds16_c2i.pt`, `vq_ds8_c2i.pt`
-and `vq_ds16_t2i.pt` load strictly from their `"model"` entry. The decoder path
-(`decode_code`) is what serving needs; the encoder and quantizer serve round-trip tests and
-training the demo tokenizer.
+and `vq_ds16_t2i.pt` load strictly from their `"model"` entry. Serving decodes through
+`vq_decoder.decoder.VQDecoder`, which runs this model's codebook lookup and `decode` with its own
+device, dtype and memory-format choices; `decode_code` is the original's one-call form. The
+encoder and quantizer serve round-trip tests and training the demo tokenizer.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from engine.vllm_api import vllm_version
 from model_registry.convert import software_version
 from server.deps import AppState, get_state
-from server.engine import vllm_version
 
 router = APIRouter(tags=["operations"])
 

@@ -1,0 +1,1 @@
+"""The `llamagen` command line: the top layer."""

@@ -1,0 +1,65 @@
+"""What an image is conditioned on, and the engine prompt it becomes.
+
+One vLLM request is one image. Its prompt is the condition: the class token (c2i) or the
+projected valid caption rows as prompt embeddings (t2i). The server, the offline generator,
+the CLI and the benchmarks all hand the engine `Condition`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.vllm_api import embeds_prompt, token_prompt
+from model_registry.model_dir import ModelDir
+from model_registry.text_encoder import TextEncoder
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A class (c2i) or a caption (t2i)."""
+
+    label: int | None = None
+    caption: str | None = None  # t2i: the text the model saw (cleaned, truncated)
+    embeds: torch.Tensor | None = None  # t2i: cap_proj of the valid caption rows, (L, dim)
+
+    @property
+    def input_tokens(self) -> int:
+        return 1 if self.embeds is None else len(self.embeds)
+
+    def prompt(self, model: ModelDir) -> Any:
+        if self.embeds is not None:
+            return embeds_prompt(self.embeds)
+        assert self.label is not None
+        return token_prompt(class_prompt_ids(model, self.label))
+
+    def describe(self, model: ModelDir) -> dict[str, Any]:
+        """What an image's provenance says of its condition."""
+        if self.label is None:
+            return {"prompt": self.caption}
+        return {"label": self.label, "class_name": model.class_names[self.label]}
+
+
+def class_prompt_ids(model: ModelDir, label: int) -> list[int]:
+    if not 0 <= label < model.gpt.num_classes:
+        raise ValueError(f"class label {label} out of range 0..{model.gpt.num_classes - 1}")
+    return [model.gpt.vocab_size + label]
+
+
+@torch.inference_mode()
+def project_caption(projection: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Valid caption features (L, caption_dim) -> prompt embeddings (L, dim) on the CPU, in
+    the projection's dtype (the engine's, as the original runs cap_proj in the model dtype)."""
+    weight = next(projection.parameters())
+    # vLLM copies prompt embeddings to the CPU for its request state anyway.
+    return projection(features.to(weight.device, weight.dtype)).cpu()
+
+
+def caption_conditions(encoder: TextEncoder, projection: torch.nn.Module,
+                       texts: Sequence[str]) -> list[Condition]:
+    """Captions -> conditions: the original's cleaning, T5, then the caption projection."""
+    return [Condition(caption=c.text, embeds=project_caption(projection, c.features))
+            for c in encoder.encode(list(texts))]

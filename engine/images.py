@@ -1,0 +1,59 @@
+"""Image files with provenance: what every path that writes an image (API responses, stream
+events, `llamagen generate --out-dir`) encodes through."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.conditions import Condition
+from engine.sampling import SamplingOptions
+from model_registry.convert import software_version
+from model_registry.model_dir import ModelDir
+from vq_decoder.encoding import IMAGE_FORMATS, ImageFormat, encode_image, provenance
+
+
+@dataclass(frozen=True)
+class ImageWriter:
+    """Encodes the images of one request: its model, sampling settings and output format."""
+
+    model: ModelDir
+    options: SamplingOptions
+    format: ImageFormat = "png"
+    compression: int | None = None
+
+    def provenance(self, condition: Condition, seed: int | None) -> dict[str, Any]:
+        return provenance(model=self.model.name, checkpoint_sha256=self.model.gpt_sha256,
+                          seed=seed, sampling=self.options.recorded(),
+                          software=f"llamagen-serve {software_version()}",
+                          **condition.describe(self.model))
+
+    def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
+        """uint8 (H, W, 3) -> the file's bytes, carrying the image's provenance."""
+        return encode_image(pixels, self.format, metadata=self.provenance(condition, seed),
+                            compression=self.compression)
+
+    def save(self, tokens: Sequence[Sequence[int]], conditions: Sequence[Condition],
+             seeds: Sequence[int | None], out_dir: Path, batch_size: int = 32) -> list[Path]:
+        """Decode token grids and write exactly one file per image, `{index:04d}_{label}.{ext}`
+        (c2i) or `{index:04d}.{ext}` (t2i)."""
+        decoder = self.model.vq_decoder()
+        grid = self.model.grid_size
+        extension = IMAGE_FORMATS[self.format].extension
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for start in range(0, len(tokens), batch_size):
+            codes = torch.tensor(tokens[start: start + batch_size]).view(-1, grid, grid)
+            for offset, pixels in enumerate(decoder.decode_uint8(codes).numpy()):
+                i = start + offset
+                condition = conditions[i]
+                stem = f"{i:04d}" if condition.label is None else f"{i:04d}_{condition.label}"
+                path = out_dir / f"{stem}.{extension}"
+                path.write_bytes(self.encode(pixels, condition, seeds[i]))
+                paths.append(path)
+        return paths

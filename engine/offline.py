@@ -1,0 +1,47 @@
+"""Offline generation: batches of conditions through an in-process vLLM engine (the CLI, the
+benchmarks and the demo evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from engine.conditions import Condition, caption_conditions, project_caption
+from engine.sampling import SamplingOptions
+from engine.vllm_api import generate_offline, llm_dtype, sampling_params
+from model_registry.model_dir import ModelDir
+
+
+class OfflineGenerator:
+    def __init__(self, model: ModelDir, llm: Any):
+        self.model, self.llm = model, llm
+        # t2i: the caption projection runs in the engine's dtype, as the original's cap_proj.
+        self.projection = (model.caption_projection(llm_dtype(llm)) if model.is_t2i else None)
+
+    def generate(self, conditions: Sequence[Condition], options: SamplingOptions
+                 ) -> tuple[list[list[int]], list[int | None]]:
+        """Conditions -> (tokens per image in order, the seed each image used)."""
+        seeds = options.image_seeds(len(conditions))
+        prompts = [c.prompt(self.model) for c in conditions]
+        params = [sampling_params(self.model, options, seed) for seed in seeds]
+        tokens = generate_offline(self.llm, prompts, params)
+        for t in tokens:
+            if len(t) != self.model.gpt.block_size:
+                raise RuntimeError(f"engine returned {len(t)} tokens, expected "
+                                   f"{self.model.gpt.block_size}")
+        return tokens, seeds
+
+    def _projection(self) -> torch.nn.Module:
+        if self.projection is None:
+            raise ValueError(f"{self.model.name} is not a text-conditional model")
+        return self.projection
+
+    def captions(self, texts: Sequence[str]) -> list[Condition]:
+        """t2i: captions -> conditions (the model's text encoder, then its projection)."""
+        return caption_conditions(self.model.load_text_encoder(), self._projection(), texts)
+
+    def caption_features(self, features: Sequence[torch.Tensor]) -> list[Condition]:
+        """t2i: T5 features of each caption's valid tokens, (L, caption_dim) -> conditions."""
+        return [Condition(embeds=project_caption(self._projection(), f)) for f in features]

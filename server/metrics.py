@@ -1,0 +1,14 @@
+"""The HTTP layer's Prometheus metrics: requests by endpoint and outcome, and their latency.
+The engine's (images, decoder, queue, ...) are in `engine/metrics.py`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from engine.metrics import LATENCY_BUCKETS
+
+REQUESTS = Counter("llamagen_requests", "Generation requests by outcome", ["model", "endpoint",
+                                                                          "outcome"])
+REQUEST_LATENCY = Histogram("llamagen_request_latency_seconds",
+                            "Generation request latency, arrival to last image",
+                            ["model", "endpoint"], buckets=LATENCY_BUCKETS)

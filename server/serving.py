@@ -1,0 +1,300 @@
+"""Serving objects, one per generation request (as vLLM's `serving_*` classes): each owns its
+request from checks and admission through generation, image encoding, streaming or
+collecting, to release and accounting. Route handlers only construct one and call it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+
+from engine.conditions import Condition
+from engine.images import ImageWriter
+from engine.sampling import SamplingOptions, SamplingOverrides
+from engine.service import Finished, Preview, QueueFull, Reservation
+from server import metrics
+from server.deps import AppState, resolve_service, until_disconnected
+from server.errors import ServiceError
+from server.protocol import (
+    CompletedEvent,
+    Image,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageTokensDetails,
+    NativeGenerateRequest,
+    NativeGenerateResponse,
+    NativeImage,
+    OutputFormat,
+    PartialImageEvent,
+    Usage,
+)
+
+T = TypeVar("T")
+
+
+class ServingRequest:
+    """What every generation request does; subclasses map events to their API's shapes."""
+
+    endpoint: ClassVar[str]
+
+    def __init__(self, state: AppState, request: Request, model: str | None):
+        self.state, self.request = state, request
+        self.service = resolve_service(state, model)
+        self.model = self.service.model
+        self.request_id: str = request.state.request_id
+        self.started, self.created = time.monotonic(), int(time.time())
+        self.reservation: Reservation | None = None
+        self.options = SamplingOptions()
+        self.writer = ImageWriter(self.model, self.options)
+
+    # ---- checks, in the order a request meets them ----
+
+    def check_count(self, n: int, param: str) -> None:
+        limit = self.state.settings.max_images_per_request
+        if n > limit:
+            raise ServiceError(400, f"{param}: at most {limit} images per request",
+                               param=param, code="too_many_images")
+
+    def check_task(self, t2i: bool, param: str) -> None:
+        """A caption for a class-conditional model, or labels for a text-conditional one."""
+        if self.model.is_t2i != t2i:
+            kind, wanted = (("text", "prompts") if self.model.is_t2i
+                            else ("class", "labels (class ids or names)"))
+            raise ServiceError(400, f"{self.service.name} is a {kind}-conditional model: send "
+                               f"{wanted}", param=param, code="wrong_task")
+
+    def configure(self, body: SamplingOverrides, fmt: OutputFormat,
+                  compression: int | None) -> None:
+        """The request's sampling options (through the one priority chain) and output."""
+        try:
+            self.options = body.sampling_options(self.model.gpt.model_type)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = str(err["loc"][0]) if err["loc"] else None
+            raise ServiceError(400, f"{param}: {err['msg']}", param=param) from None
+        self.writer = ImageWriter(self.model, self.options, fmt, compression)
+
+    async def admit(self, texts: list[int | str], images: int, param: str, *,
+                    indexed: bool = True) -> list[Condition]:
+        """Room for `images` images (or 429), and one condition per text: class ids or names
+        for c2i models (checked first: a bad one is a 400), captions for t2i models (encoded
+        after admission, since encoding costs compute; released again if it fails)."""
+        conditions = None if self.model.is_t2i else self._classes(texts, param, indexed)
+        try:
+            self.reservation = self.service.admit(images)
+        except QueueFull as e:
+            raise ServiceError.queue_full(e) from None
+        if conditions is not None:
+            return conditions
+        try:
+            return await self.service.encode_prompts([str(t) for t in texts])
+        except BaseException:
+            self.reservation.release()
+            raise
+
+    def _classes(self, labels: list[int | str], param: str, indexed: bool) -> list[Condition]:
+        conditions = []
+        for i, text in enumerate(labels):
+            try:
+                conditions.append(Condition(label=self.model.resolve_label(text)))
+            except ValueError as e:
+                where = f"{param}.{i}" if indexed else param
+                raise ServiceError(400, str(e), param=where, code="unknown_class") from None
+        return conditions
+
+    # ---- generation and images ----
+
+    def generate(self, conditions: list[Condition], partial_images: int = 0
+                 ) -> AsyncIterator[Preview | Finished]:
+        return self.service.generate(conditions, self.options, partial_images=partial_images,
+                                     request_id=self.request_id)
+
+    async def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
+        # Off the event loop: PNG compression of a large image takes milliseconds.
+        return await asyncio.to_thread(self.writer.encode, pixels, condition, seed)
+
+    async def b64(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> str:
+        return base64.b64encode(await self.encode(pixels, condition, seed)).decode()
+
+    def usage(self, conditions: list[Condition]) -> Usage:
+        """Input tokens: the class token, or the caption's T5 tokens; output: image tokens."""
+        inputs = sum(c.input_tokens for c in conditions)
+        outputs = len(conditions) * self.model.gpt.block_size
+        text = inputs if self.model.is_t2i else 0
+        return Usage(input_tokens=inputs,
+                     input_tokens_details=ImageTokensDetails(text_tokens=text),
+                     output_tokens=outputs, total_tokens=inputs + outputs,
+                     output_tokens_details=ImageTokensDetails(image_tokens=outputs))
+
+    # ---- the two ways a request ends ----
+
+    def stream(self, events: AsyncIterator[dict[str, str]]) -> EventSourceResponse:
+        """Stream `events`; an error after the status line went out is reported in-band, as
+        OpenAI does. Released and counted however it ends."""
+        async def guarded() -> AsyncIterator[dict[str, str]]:
+            outcome = "error"
+            try:
+                async with contextlib.aclosing(events):
+                    async for item in events:
+                        yield item
+                outcome = "ok"
+            except Exception as e:
+                yield sse_error(e)
+            finally:
+                self._finish(outcome)
+
+        return EventSourceResponse(guarded(), headers={"X-Request-Id": self.request_id})
+
+    async def collect(self, work: Awaitable[T]) -> T:
+        """Run a non-streaming request's work, cancelled if the client leaves; released and
+        counted however it ends."""
+        outcome = "error"
+        try:
+            result = await until_disconnected(self.request, work)
+            outcome = "ok"
+            return result
+        except ServiceError as e:
+            if e.status == 499:
+                outcome = "disconnected"
+            raise
+        finally:
+            self._finish(outcome)
+
+    def _finish(self, outcome: str) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+        metrics.REQUESTS.labels(self.service.name, self.endpoint, outcome).inc()
+        if outcome == "ok":
+            metrics.REQUEST_LATENCY.labels(self.service.name, self.endpoint).observe(
+                time.monotonic() - self.started)
+
+
+class ServingImages(ServingRequest):
+    """POST /v1/images/generations: n images of one prompt, in OpenAI's shapes."""
+
+    endpoint = "images.generations"
+
+    async def create(self, body: ImageGenerationRequest
+                     ) -> ImagesResponse | EventSourceResponse:
+        self.check_count(body.n, "n")
+        if body.size not in ("auto", self.service.size):
+            raise ServiceError(400, f"size {body.size!r} is not supported by "
+                               f"{self.service.name}; supported sizes: 'auto', "
+                               f"{self.service.size!r}", param="size", code="unsupported_size")
+        self.configure(body, body.output_format, body.output_compression)
+        # One prompt for all n images: resolved or encoded once.
+        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
+        conditions = [condition] * body.n
+        if body.stream:
+            return self.stream(self._events(body, condition))
+        data = await self.collect(self._images(body, condition))
+        return ImagesResponse(created=self.created, data=data, output_format=body.output_format,
+                              size=self.service.size, usage=self.usage(conditions))
+
+    async def _events(self, body: ImageGenerationRequest, condition: Condition
+                      ) -> AsyncIterator[dict[str, str]]:
+        common = dict(size=self.service.size, output_format=body.output_format)
+        async for event in self.generate([condition] * body.n, body.partial_images):
+            if isinstance(event, Finished):
+                yield sse(CompletedEvent(
+                    b64_json=await self.b64(event.pixels, condition, event.seed),
+                    created_at=int(time.time()), usage=self.usage([condition]),
+                    image_index=event.index, seed=event.seed, class_label=condition.label,
+                    revised_prompt=condition.caption, **common))
+            else:
+                yield sse(PartialImageEvent(
+                    b64_json=await self.b64(event.pixels, condition, None),
+                    partial_image_index=event.partial_index, created_at=int(time.time()),
+                    image_index=event.index, **common))
+
+    async def _images(self, body: ImageGenerationRequest, condition: Condition) -> list[Image]:
+        images: list[Image | None] = [None] * body.n
+        async for event in self.generate([condition] * body.n):
+            assert isinstance(event, Finished)
+            found = dict(seed=event.seed, class_label=condition.label,
+                         revised_prompt=condition.caption)
+            if body.response_format == "url":
+                images[event.index] = Image(url=await self._store(event, condition), **found)
+            else:
+                images[event.index] = Image(
+                    b64_json=await self.b64(event.pixels, condition, event.seed), **found)
+        return [img for img in images if img is not None]
+
+    async def _store(self, event: Finished, condition: Condition) -> str:
+        assert self.state.images is not None
+        data = await self.encode(event.pixels, condition, event.seed)
+        name = self.state.images.save(data, self.writer.format)
+        base = self.state.settings.public_url or str(self.request.base_url)
+        return f"{base.rstrip('/')}/v1/images/files/{name}"
+
+
+class ServingNative(ServingRequest):
+    """POST /v1/generate: one image per label (c2i) or prompt (t2i), with token ids."""
+
+    endpoint = "generate"
+
+    async def create(self, body: NativeGenerateRequest
+                     ) -> NativeGenerateResponse | EventSourceResponse:
+        param = "labels" if body.labels is not None else "prompts"
+        self.check_count(body.count, param)
+        self.check_task(body.prompts is not None, param)
+        self.configure(body, body.output_format, body.output_compression)
+        texts: list[int | str] = list(body.prompts or body.labels or [])  # exactly one given
+        conditions = await self.admit(texts, body.count, param)
+        if body.stream:
+            return self.stream(self._events(body, conditions))
+        images = await self.collect(self._images(body, conditions))
+        return NativeGenerateResponse(id=self.request_id, created=self.created,
+                                      model=self.service.name, size=self.service.size,
+                                      output_format=body.output_format, images=images)
+
+    async def _events(self, body: NativeGenerateRequest, conditions: list[Condition]
+                      ) -> AsyncIterator[dict[str, str]]:
+        async for event in self.generate(conditions, body.partial_images):
+            if isinstance(event, Preview):
+                b64 = await self.b64(event.pixels, conditions[event.index], None)
+                yield sse({"type": "partial_image", "image_index": event.index,
+                           "partial_image_index": event.partial_index, "b64_json": b64})
+            else:
+                image = await self._image(body, event)
+                yield sse({"type": "image", **image.model_dump(exclude_none=True)})
+        yield sse({"type": "done", "id": self.request_id, "model": self.service.name})
+
+    async def _images(self, body: NativeGenerateRequest, conditions: list[Condition]
+                      ) -> list[NativeImage]:
+        images = [await self._image(body, event) async for event in self.generate(conditions)
+                  if isinstance(event, Finished)]
+        return sorted(images, key=lambda image: image.index)
+
+    async def _image(self, body: NativeGenerateRequest, event: Finished) -> NativeImage:
+        label = event.condition.label
+        return NativeImage(
+            index=event.index, class_label=label,
+            class_name=None if label is None else self.model.class_names[label],
+            prompt=event.condition.caption, seed=event.seed,
+            b64_json=await self.b64(event.pixels, event.condition, event.seed),
+            tokens=event.tokens if body.return_tokens else None,
+            seconds=round(event.seconds, 4))
+
+
+def sse(event: BaseModel | dict[str, Any]) -> dict[str, str]:
+    data = event.model_dump(exclude_none=True) if isinstance(event, BaseModel) else event
+    return {"event": data["type"], "data": json.dumps(data)}
+
+
+def sse_error(e: Exception) -> dict[str, str]:
+    if isinstance(e, ServiceError):
+        info = e.info().model_dump()
+    else:
+        info = {"message": "image generation failed", "type": "server_error", "param": None,
+                "code": None}
+    return {"event": "error", "data": json.dumps({"error": info})}
