@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from engine.credentials import SigningError
 from model_registry.checkpoint import CheckpointError
 from model_registry.configs import ConfigError
 from model_registry.model_dir import load_model_dir
@@ -54,7 +55,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description or ''} (default: {default})".strip()
         if kind is bool:
-            group.add_argument(flag, dest=name, action="store_true", default=None,
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None,
                                help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None,
@@ -148,6 +150,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from engine.conditions import Condition
+    from engine.credentials import ContentCredentials, SigningSettings
     from engine.images import ImageWriter
     from engine.offline import OfflineGenerator
     from engine.sampling import SamplingOptions
@@ -156,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     try:
         settings = model_from_flags(EngineSettings, args)
+        signing = model_from_flags(SigningSettings, args)
         given = model_from_flags(SamplingOptions, args).model_dump(exclude_unset=True)
     except ValidationError as e:
         raise UsageError(_one_line(e)) from None
@@ -180,7 +184,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         Path(args.tokens_out).write_text(json.dumps(tokens))
     images = []
     if args.out_dir:
-        writer = ImageWriter(model, options, args.format, args.compression)
+        writer = ImageWriter(model, options, args.format, args.compression,
+                             ContentCredentials.from_settings(signing))
         images = writer.save(tokens, conditions, seeds, Path(args.out_dir))
     described = ({"prompts": [c.caption for c in conditions]} if model.is_t2i
                  else {"labels": labels})
@@ -223,7 +228,17 @@ def cmd_eval_demo(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1))
 
 
+def cmd_dev_credentials(args: argparse.Namespace) -> None:
+    from engine.credentials import make_development_credentials
+
+    chain, key = make_development_credentials(Path(args.out))
+    print("UNTRUSTED development credentials: for trials only, no reader trusts them",
+          file=sys.stderr)
+    print(json.dumps({"cert": str(chain), "key": str(key)}))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    from engine.credentials import ContentCredentials
     from server.app import configure_logging, create_app
     from server.settings import ServerSettings
 
@@ -236,7 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for path in settings.model:  # fail before any engine starts
         load_model_dir(path)
     configure_logging(settings.log_level)
-    run_server(create_app(settings), settings)
+    credentials = ContentCredentials.from_settings(settings)  # bad keys: fail before it too
+    run_server(create_app(settings, credentials), settings)
 
 
 def run_server(app: Any, settings: Any) -> None:
@@ -268,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import decoder as bench_decoder
     from bench import models as bench_models
     from bench import serve as bench_serve
+    from bench import signing as bench_signing
+    from engine.credentials import SigningSettings
     from engine.sampling import SamplingOptions
     from engine.settings import EngineSettings
     from server.settings import ServerSettings
@@ -312,11 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0..100: JPEG/WebP quality is 100 - compression; PNG zlib level")
     add_model_flags(p, SamplingOptions)
     add_model_flags(p, EngineSettings, exclude=("seed",))
+    add_model_flags(p, SigningSettings)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="run the HTTP server")
     add_model_flags(p, ServerSettings)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("dev-credentials", help="make an UNTRUSTED development CA and C2PA "
+                       "signing certificate (for trials; production uses real ones)")
+    p.add_argument("--out", required=True, help="directory for the PEM files")
+    p.set_defaults(func=cmd_dev_credentials)
 
     p = sub.add_parser("train-demo", help="train the embedded demo model (~21 min, 2 cores)")
     p.add_argument("--out", help="model directory to write (default: the embedded demo)")
@@ -353,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("make-model", help="a random-weight model directory of a zoo size")
     bench_models.add_arguments(b)
     b.set_defaults(func=bench_models.main)
+    b = bench.add_parser("signing", help="C2PA signing time per image, by format and size")
+    bench_signing.add_arguments(b)
+    b.set_defaults(func=bench_signing.main)
     b = bench.add_parser("decoder", help="VQ decode images/s against batch size")
     bench_decoder.add_arguments(b)
     b.set_defaults(func=bench_decoder.main)
@@ -366,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"llamagen: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (UsageError, ConfigError, CheckpointError, ValueError, OSError) as e:
+    except (UsageError, ConfigError, CheckpointError, SigningError, ValueError, OSError) as e:
         print(f"llamagen: error: {e}", file=sys.stderr)
         return 2
     return 0

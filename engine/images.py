@@ -1,5 +1,7 @@
 """Image files with provenance: what every path that writes an image (API responses, stream
-events, `llamagen generate --out-dir`) encodes through."""
+events, `llamagen generate --out-dir`) encodes through. Each file carries the unsigned
+provenance record (PNG text, EXIF, XMP) and, when signing is on, the same record in a signed
+C2PA manifest (`engine.credentials`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from engine.conditions import Condition
+from engine.credentials import ContentCredentials
 from engine.sampling import SamplingOptions
 from model_registry.convert import software_version
 from model_registry.model_dir import ModelDir
@@ -26,6 +29,7 @@ class ImageWriter:
     options: SamplingOptions
     format: ImageFormat = "png"
     compression: int | None = None
+    credentials: ContentCredentials | None = None  # None: unsigned
 
     def provenance(self, condition: Condition, seed: int | None) -> dict[str, Any]:
         return provenance(model=self.model.name, checkpoint_sha256=self.model.gpt_sha256,
@@ -34,9 +38,13 @@ class ImageWriter:
                           **condition.describe(self.model))
 
     def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
-        """uint8 (H, W, 3) -> the file's bytes, carrying the image's provenance."""
-        return encode_image(pixels, self.format, metadata=self.provenance(condition, seed),
-                            compression=self.compression)
+        """uint8 (H, W, 3) -> the file's bytes, carrying the image's provenance (signed when
+        the writer has credentials; raises SigningError if that fails)."""
+        record = self.provenance(condition, seed)
+        data = encode_image(pixels, self.format, metadata=record, compression=self.compression)
+        if self.credentials is None:
+            return data
+        return self.credentials.sign(data, self.format, record)
 
     def save(self, tokens: Sequence[Sequence[int]], conditions: Sequence[Condition],
              seeds: Sequence[int | None], out_dir: Path, batch_size: int = 32) -> list[Path]:

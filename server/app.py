@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.credentials import ContentCredentials
 from engine.service import ModelService
 from model_registry.model_dir import load_model_dir
 from server.deps import AppState
@@ -108,11 +109,16 @@ class BodyTooLarge(Exception):
     pass
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    state = AppState(settings=settings)
+def create_app(settings: ServerSettings, credentials: ContentCredentials | None = None
+               ) -> FastAPI:
+    """The app; `credentials`: the C2PA signer when the caller made it already (else made
+    from the settings at startup)."""
+    state = AppState(settings=settings, credentials=credentials)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.credentials is None:
+            state.credentials = ContentCredentials.from_settings(settings)
         state.images = ImageStore(settings.image_dir, settings.image_ttl_s)
         state.images.start()
         try:

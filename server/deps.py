@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from fastapi import Depends, Request
 
+from engine.credentials import ContentCredentials
 from engine.service import ModelService
 from server.errors import ServiceError
 from server.image_store import ImageStore
@@ -23,6 +24,7 @@ class AppState:
     settings: ServerSettings
     services: dict[str, ModelService] = field(default_factory=dict)
     images: ImageStore | None = None
+    credentials: ContentCredentials | None = None  # None: images are not signed
     ready: bool = False
     draining: bool = False
 

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, ClassVar, TypeVar
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 
 from engine.conditions import Condition
+from engine.credentials import SigningError
 from engine.images import ImageWriter
 from engine.sampling import SamplingOptions, SamplingOverrides
 from engine.service import Finished, Preview, QueueFull, Reservation
@@ -39,6 +41,7 @@ from server.protocol import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("llamagen.server")
 
 
 class ServingRequest:
@@ -81,7 +84,8 @@ class ServingRequest:
             err = e.errors()[0]
             param = str(err["loc"][0]) if err["loc"] else None
             raise ServiceError(400, f"{param}: {err['msg']}", param=param) from None
-        self.writer = ImageWriter(self.model, self.options, fmt, compression)
+        self.writer = ImageWriter(self.model, self.options, fmt, compression,
+                                  self.state.credentials)
 
     async def admit(self, texts: list[int | str], images: int, param: str, *,
                     indexed: bool = True) -> list[Condition]:
@@ -119,8 +123,13 @@ class ServingRequest:
                                      request_id=self.request_id)
 
     async def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
-        # Off the event loop: PNG compression of a large image takes milliseconds.
-        return await asyncio.to_thread(self.writer.encode, pixels, condition, seed)
+        # Off the event loop: PNG compression and signing take milliseconds.
+        try:
+            return await asyncio.to_thread(self.writer.encode, pixels, condition, seed)
+        except SigningError:
+            log.exception("image signing failed", extra={"request_id": self.request_id})
+            raise ServiceError(500, "image signing failed; the image was not delivered",
+                               type="server_error", code="signing_failed") from None
 
     async def b64(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> str:
         return base64.b64encode(await self.encode(pixels, condition, seed)).decode()

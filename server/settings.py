@@ -13,10 +13,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.credentials import SigningSettings
 from engine.settings import ServiceSettings
 
 
-class ServerSettings(ServiceSettings, BaseSettings):
+class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLAMAGEN_", extra="ignore")
 
     model: list[Path] = Field(default_factory=list, description="model directories to serve "

@@ -122,7 +122,8 @@ class ServerProcess:
         self.log = workdir / "server.log"
         args = [sys.executable, "-m", "cli.main", "serve", "--model", *map(str, model_dirs),
                 "--port", str(self.port), "--api-key", API_KEY, "--dtype", "float32",
-                "--image-dir", str(workdir / "images"), *extra]
+                "--image-dir", str(workdir / "images"), "--c2pa-dir", str(workdir / "c2pa"),
+                *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
@@ -225,3 +226,17 @@ def deploy_metric_names() -> set[str]:
                 name = name.removesuffix(suffix)
         names.add(name)
     return names
+
+
+# ---- content credentials ----
+
+def read_credentials(data: bytes, fmt: str) -> tuple[str, dict]:
+    """c2pa's Reader on an image: (validation state, the active manifest)."""
+    import io
+
+    import c2pa
+
+    from vq_decoder.encoding import IMAGE_FORMATS
+
+    reader = c2pa.Reader(IMAGE_FORMATS[fmt].media_type, io.BytesIO(data))
+    return reader.get_validation_state(), reader.get_active_manifest()

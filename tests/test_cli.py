@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,19 @@ def test_serve_bad_model_fails_fast(tmp_path):
     assert_one_line_error(run_cli("serve", "--model", str(tmp_path)), "not a LlamaGen model")
     assert_one_line_error(run_cli("serve", "--model", str(tmp_path), "--max-queued-images",
                                   "2"), "max_queued_images")
+
+
+def test_serve_refuses_unreadable_signing_credentials(tmp_path):
+    """Bad C2PA keys fail `serve` before any engine starts, in one line."""
+    assert_one_line_error(run_cli("serve", "--c2pa-cert", str(tmp_path / "chain.pem"),
+                                  "--c2pa-key", str(tmp_path / "key.pem")), "C2PA credentials")
+    assert_one_line_error(run_cli("serve", "--c2pa-cert", str(tmp_path / "chain.pem")),
+                          "both --c2pa-cert and --c2pa-key")
+
+
+def test_dev_credentials_command(tmp_path):
+    result = run_cli("dev-credentials", "--out", str(tmp_path / "dev"))
+    assert result.returncode == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert "UNTRUSTED" in result.stderr  # said once, when they are made
+    assert Path(paths["cert"]).is_file() and Path(paths["key"]).is_file()

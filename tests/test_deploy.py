@@ -67,6 +67,13 @@ def test_deployment_is_production_shaped(overlay):
     assert "llamagen convert" in init["args"][0]
     env = {e["name"]: e for e in server["env"]}
     assert env["LLAMAGEN_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "llamagen-api-key"
+    # C2PA credentials come from a Secret, mounted read-only where the settings point.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    assert volumes["c2pa"]["secret"]["secretName"] == "llamagen-c2pa"
+    assert mounts["c2pa"]["readOnly"] is True
+    for name in ("LLAMAGEN_C2PA_CERT", "LLAMAGEN_C2PA_KEY"):
+        assert env[name]["value"].startswith(mounts["c2pa"]["mountPath"] + "/")
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
 

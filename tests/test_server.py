@@ -26,6 +26,7 @@ from .helpers import (
     assert_pixels_close,
     deploy_metric_names,
     metric,
+    read_credentials,
     tiny_config,
 )
 
@@ -117,6 +118,26 @@ def test_openai_client_streaming_previews(client):
             assert image.size == (256, 256) and image.format == "JPEG"
         assert mine[-1].usage.output_tokens == 256
         assert mine[-1].model_extra["seed"] == 5 + index
+
+
+def test_every_served_image_is_signed(client, server):
+    """b64, url and stream completions carry a C2PA manifest that validates (the test
+    server signs with development credentials made in its work directory)."""
+    def generation(data: bytes, fmt: str) -> dict:
+        state, manifest = read_credentials(data, fmt)
+        assert state == "Valid"
+        (record,) = [a["data"] for a in manifest["assertions"]
+                     if a["label"] == "org.llamagen.generation"]
+        return record
+
+    b64 = client.images.generate(prompt="red circle", extra_body={"seed": 3})
+    assert generation(decode_b64(b64.data[0].b64_json)[1], "png")["seed"] == 3
+    url = client.images.generate(prompt="1", response_format="url", output_format="webp",
+                                 extra_body={"seed": 4}).data[0].url
+    assert generation(httpx.get(url, headers=AUTH).content, "webp")["seed"] == 4
+    (done,) = list(client.images.generate(prompt="2", stream=True, output_format="jpeg",
+                                          extra_body={"seed": 5}))
+    assert generation(decode_b64(done.b64_json)[1], "jpeg")["class_label"] == 2
 
 
 def test_openai_stream_without_partials(client):

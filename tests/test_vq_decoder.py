@@ -26,7 +26,7 @@ from vq_decoder.encoding import (
 )
 from vq_decoder.vq_model import VQ_MODELS, VQModel
 
-from .helpers import TINY_VQ, assert_pixels_close, run_cli
+from .helpers import TINY_VQ, assert_pixels_close, read_credentials, run_cli
 
 
 def golden_codes(golden_expected) -> torch.Tensor:
@@ -169,7 +169,8 @@ def test_generate_out_dir_images_are_the_decoded_tokens(tmp_path, tiny_model):
     out, tokens_file = tmp_path / "images", tmp_path / "tokens.json"
     result = run_cli("generate", "--model", str(tiny_model.path), "--labels", "3", "8", "3",
                      "--cfg-scale", "2.0", "--seed", "11", "--top-k", "50", "--dtype",
-                     "float32", "--tokens-out", str(tokens_file), "--out-dir", str(out))
+                     "float32", "--tokens-out", str(tokens_file), "--out-dir", str(out),
+                     "--c2pa-dir", str(tmp_path / "c2pa"))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["0000_3.png", "0001_8.png", "0002_3.png"]
     tokens = torch.tensor(json.loads(tokens_file.read_text())).view(3, 16, 16)
@@ -180,3 +181,5 @@ def test_generate_out_dir_images_are_the_decoded_tokens(tmp_path, tiny_model):
         meta = read_metadata(data)
         assert meta["seed"] == 11 + i and meta["class_label"] == [3, 8, 3][i]
         assert meta["checkpoint_sha256"] == tiny_model.gpt_sha256
+        state, manifest = read_credentials(data, "png")  # signed, as every served image
+        assert state == "Valid" and manifest["title"] == "image.png"
