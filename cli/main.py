@@ -29,6 +29,10 @@ class UsageError(ValueError):
     """Bad command-line input."""
 
 
+class EngineDied(RuntimeError):
+    """The server stopped because an engine core died (exit status 3, for a restart)."""
+
+
 # ---- flags generated from pydantic models (one definition for flags, env vars and docs) ----
 
 def _field_type(annotation: Any) -> Any:
@@ -252,7 +256,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         load_model_dir(path)
     configure_logging(settings.log_level)
     credentials = ContentCredentials.from_settings(settings)  # bad keys: fail before it too
-    run_server(create_app(settings, credentials), settings)
+    app = create_app(settings, credentials)
+    run_server(app, settings)
+    if app.state.llamagen.engine_dead:
+        raise EngineDied(app.state.llamagen.engine_dead)
 
 
 def run_server(app: Any, settings: Any) -> None:
@@ -268,7 +275,13 @@ def run_server(app: Any, settings: Any) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
                             timeout_graceful_shutdown=settings.drain_timeout_s)
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+
+    def stop() -> None:  # the engine died: drain, then exit (non-zero, see cmd_serve)
+        server.should_exit = True
+
+    app.state.llamagen.stop_server = stop
+    server.run()
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> None:
@@ -393,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:
         print(f"llamagen: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except EngineDied as e:
+        print(f"llamagen: error: {e}; exiting for a restart", file=sys.stderr)
+        return 3
     except (UsageError, ConfigError, CheckpointError, SigningError, ValueError, OSError) as e:
         print(f"llamagen: error: {e}", file=sys.stderr)
         return 2

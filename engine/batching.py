@@ -5,7 +5,9 @@ with the same key may share a batch; keys never mix (the decoder keys grids by s
 preview has fewer rows). A key's jobs run when they fill `max_batch_size` items or the oldest
 has waited `max_wait_s`, oldest key first; a job larger than a batch runs alone. Batches run
 on one worker thread, so the event loop stays free and the device (or the CPU thread budget)
-is never shared by two batches at once. A failing batch fails its own jobs, not the batcher.
+is never shared by two batches at once. A failing batch fails its own jobs, not the batcher;
+should the batcher itself fail, every job waiting on it fails and `alive` turns False (the
+service's health check reports it).
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ class MicroBatcher(Generic[T, R]):
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"{self.name}-batcher")
+        self._task.add_done_callback(self._on_exit)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _on_exit(self, task: asyncio.Task[None]) -> None:
+        """The loop ended other than by stop(): nothing would ever answer the waiting jobs."""
+        if task.cancelled():
+            return
+        error = task.exception() or RuntimeError(f"{self.name} ended")
+        jobs = self._running + [job for jobs in self._pending.values() for job in jobs]
+        self._fail(jobs, RuntimeError(f"{self.name} failed: {error!r}"))
+        self._running, self._pending = [], {}
 
     async def stop(self) -> None:
         """Stop batching; jobs waiting or running fail with "... stopped"."""
@@ -62,8 +78,8 @@ class MicroBatcher(Generic[T, R]):
 
     async def submit(self, items: Sequence[T], key: Hashable = None) -> list[R]:
         """One result per item, computed in a batch with other callers' items."""
-        if self._task is None:
-            raise RuntimeError(f"{self.name} not started")
+        if not self.alive:
+            raise RuntimeError(f"{self.name} is not running")
         if not items:
             return []
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()

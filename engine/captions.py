@@ -29,5 +29,9 @@ class CaptionService:
     async def stop(self) -> None:
         await self._batcher.stop()
 
+    @property
+    def alive(self) -> bool:
+        return self._batcher.alive
+
     async def encode(self, texts: list[str]) -> list[Condition]:
         return await self._batcher.submit(texts)

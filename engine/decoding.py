@@ -1,5 +1,12 @@
 """The decoder service: token grids from many concurrent generations, decoded in
-micro-batches (`engine.batching`), grids of one shape together (a preview has fewer rows)."""
+micro-batches (`engine.batching`), grids of one shape together (a preview has fewer rows).
+
+Batch-invariant mode pads every batch to `max_batch_size` grids: the convolution kernels
+pick their algorithm by batch size, so a grid decoded with one other grid and alone can
+differ by a level in a few values. With a fixed shape, the same request and seed give the
+same pixels whatever else is in flight (position in the batch and the padding's content do
+not change a grid's result; tests/test_vq_decoder.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -15,14 +22,22 @@ from vq_decoder.decoder import VQDecoder
 class DecoderService:
     def __init__(self, decoder: VQDecoder, *, max_batch_size: int = 32,
                  max_wait_s: float = 0.005, cpu_threads: int | None = None,
-                 on_batch: BatchObserver | None = None):
+                 on_batch: BatchObserver | None = None, invariant: bool = False):
         self.decoder, self.cpu_threads = decoder, cpu_threads
+        self.max_batch_size, self.invariant = max_batch_size, invariant
         self._batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._decode, name="decoder service", max_batch_size=max_batch_size,
             max_wait_s=max_wait_s, on_batch=on_batch)
 
     def _decode(self, grids: list[torch.Tensor]) -> Sequence[np.ndarray]:
-        return list(self.decoder.decode_uint8(torch.stack(grids)).numpy())
+        n = len(grids)
+        if self.invariant:
+            grids = grids + [grids[0]] * (self.max_batch_size - n)
+        return list(self.decoder.decode_uint8(torch.stack(grids)).numpy()[:n])
+
+    @property
+    def alive(self) -> bool:
+        return self._batcher.alive
 
     async def start(self) -> None:
         if self.decoder.device.type == "cpu" and self.cpu_threads:

@@ -110,10 +110,12 @@ class ModelService:
         self.engine = AsyncEngine(self.model, share)
         decoder = self.model.vq_decoder(compile=self.settings.decoder_compile)
         threads = self.settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)
+        # On a CPU a decode batch buys little and, padded for invariance, costs a lot.
+        batch = self.settings.decoder_max_batch or (32 if has_cuda() else 1)
         self.decoder = DecoderService(
-            decoder, max_batch_size=self.settings.decoder_max_batch,
-            max_wait_s=self.settings.decoder_max_wait_ms / 1000,
-            cpu_threads=None if has_cuda() else threads, on_batch=self._observe_decode)
+            decoder, max_batch_size=batch, max_wait_s=self.settings.decoder_max_wait_ms / 1000,
+            cpu_threads=None if has_cuda() else threads, on_batch=self._observe_decode,
+            invariant=self.settings.decoder_batch_invariant)
         await self.decoder.start()
         if self.model.is_t2i:
             # The projection runs in the engine's dtype, as the original runs cap_proj.
@@ -153,11 +155,18 @@ class ModelService:
         problem = await self.engine.health()
         if problem is not None:
             return problem
+        for worker in (self.decoder, self.captions):
+            if worker is not None and not worker.alive:
+                return f"{type(worker).__name__} worker is not running"
         stalled = time.monotonic() - self.last_progress
         if self.in_flight and stalled > self.settings.health_stall_s:
             return f"engine wedged: {self.in_flight} images in flight, no progress for " \
                    f"{stalled:.0f} s"
         return None
+
+    @property
+    def engine_dead(self) -> bool:
+        return self.engine is not None and self.engine.errored
 
     def retry_after_s(self) -> int:
         rate = self.throughput.rate()
@@ -177,11 +186,12 @@ class ModelService:
         metrics.QUEUE_DEPTH.labels(self.name).set(self.in_flight)
 
     async def generate(self, conditions: list[Condition], options: SamplingOptions, *,
-                       partial_images: int = 0, request_id: str | None = None
-                       ) -> AsyncIterator[Preview | Finished]:
+                       partial_images: int = 0, request_id: str | None = None,
+                       deadline: float | None = None) -> AsyncIterator[Preview | Finished]:
         """One image per condition, run concurrently; yields previews and finished images as
         they come. Closing the iterator (or cancelling its consumer) aborts what is
-        unfinished."""
+        unfinished, and so does passing `deadline` (time.monotonic()), with TimeoutError.
+        EngineDead when the engine core is gone."""
         request_id = request_id or uuid.uuid4().hex
         seeds = options.image_seeds(len(conditions))
         events: asyncio.Queue[Preview | Finished | BaseException] = asyncio.Queue()
@@ -190,7 +200,10 @@ class ModelService:
                  for i, (condition, seed) in enumerate(zip(conditions, seeds, strict=True))]
         try:
             for _ in range(len(conditions) * (partial_images + 1)):
-                event = await events.get()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                # The wait, never a yield, sits inside the timeout: the consumer's own work
+                # between events counts against the deadline without being cancelled by it.
+                event = await asyncio.wait_for(events.get(), remaining)
                 if isinstance(event, BaseException):
                     raise event
                 yield event

@@ -44,7 +44,11 @@ class ServiceSettings(EngineSettings):
                                    "running) per model; beyond it requests get 429")
     health_stall_s: float = Field(120.0, gt=0, description="/health fails when images are in "
                                   "flight but the engine produced nothing for this long")
-    decoder_max_batch: int = Field(32, ge=1, description="VQ decode micro-batch size")
+    decoder_max_batch: int | None = Field(None, ge=1, description="VQ decode micro-batch "
+                                          "size (default: 32 on GPU, 1 on CPU)")
+    decoder_batch_invariant: bool = Field(True, description="pad every decode batch to "
+                                          "--decoder-max-batch grids, so that an image's "
+                                          "pixels never depend on what else is in flight")
     decoder_max_wait_ms: float = Field(5.0, ge=0, description="longest wait to fill a batch")
     decoder_threads: int | None = Field(None, ge=1, description="CPU threads for VQ decoding "
                                         "(default: a quarter of the cores, at least 1)")

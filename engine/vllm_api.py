@@ -193,6 +193,10 @@ def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None,
 
 # ---- the server's engine ----
 
+class EngineDead(RuntimeError):
+    """The engine core process is gone; only a new server process brings it back."""
+
+
 class AsyncEngine:
     """vLLM's AsyncLLM (multiprocess engine core), reduced to what a model service uses."""
 
@@ -208,12 +212,22 @@ class AsyncEngine:
     def dtype(self) -> torch.dtype:
         return self._llm.model_config.dtype
 
+    @property
+    def errored(self) -> bool:
+        """The engine core died (vLLM's monitor thread sees its process exit at once)."""
+        return self._llm.errored
+
     async def generate(self, prompt: Any, params: Any, request_id: str
                        ) -> AsyncIterator[tuple[list[int], bool]]:
         """(new token ids, finished) as the engine produces them (params from
-        `sampling_params(..., stream=True)`)."""
-        async for out in self._llm.generate(prompt, params, request_id):
-            yield list(out.outputs[0].token_ids), out.finished
+        `sampling_params(..., stream=True)`); EngineDead if the engine core is gone."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            async for out in self._llm.generate(prompt, params, request_id):
+                yield list(out.outputs[0].token_ids), out.finished
+        except EngineDeadError as e:
+            raise EngineDead("the engine core died") from e
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

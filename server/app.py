@@ -6,6 +6,7 @@ OpenAI's envelope (`server.errors`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -21,8 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.credentials import ContentCredentials
 from engine.service import ModelService
 from model_registry.model_dir import load_model_dir
-from server.deps import AppState
-from server.errors import add_error_handlers, error_response
+from server.deps import AppState, dead_engine
+from server.errors import ServiceError, add_error_handlers, error_response
 from server.image_store import ImageStore
 from server.routers import native, openai_images, ops, playground
 from server.settings import ServerSettings
@@ -66,12 +67,12 @@ class RequestContext:
         given = headers.get("x-request-id", "")
         request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        start, status = time.monotonic(), 500
+        start, status, started = time.monotonic(), 500, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 raw = [(k, v) for k, v in message.get("headers", [])
                        if k.lower() != b"x-request-id"]
                 message["headers"] = [*raw, (b"x-request-id", request_id.encode())]
@@ -98,6 +99,14 @@ class RequestContext:
             response = error_response(413, f"request body exceeds {self.max_body_bytes} bytes",
                                       code="request_too_large")
             await response(scope, receive, send_with_id)
+        except Exception:
+            # Here, inside this middleware, so that the 500 carries X-Request-Id too.
+            log.exception("unhandled error", extra={"request_id": request_id})
+            if started:  # too late for a status: the connection is closed on the client
+                raise
+            error = ServiceError.internal(request_id)
+            await error_response(error.status, error.message, type=error.type,
+                                 code=error.code)(scope, receive, send_with_id)
         finally:
             if scope["path"] not in ("/metrics", "/health", "/ready"):
                 log.info("request", extra={"request_id": request_id, "method": scope["method"],
@@ -107,6 +116,24 @@ class RequestContext:
 
 class BodyTooLarge(Exception):
     pass
+
+
+ENGINE_POLL_S = 0.2
+
+
+async def watch_engines(state: AppState) -> None:
+    """Once an engine core dies: refuse new work (503), fail /ready and /health, and stop the
+    server, so that its orchestrator starts a fresh one. vLLM 0.32 offers no clean restart of
+    a dead engine core inside a running AsyncLLM; a new process is what vLLM's own server does
+    too. In-flight requests get their 503s while uvicorn drains them (--drain-timeout-s)."""
+    while True:
+        await asyncio.sleep(ENGINE_POLL_S)
+        if reason := dead_engine(state):
+            state.engine_dead = reason
+            log.error("%s: stopping the server", reason)
+            if state.stop_server is not None:
+                state.stop_server()
+            return
 
 
 def create_app(settings: ServerSettings, credentials: ContentCredentials | None = None
@@ -131,7 +158,9 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
                 await service.start()
                 log.info(f"serving {model.name} from {path}")
             state.ready = True
+            watchdog = asyncio.create_task(watch_engines(state), name="engine-watchdog")
             yield
+            watchdog.cancel()
         finally:
             state.ready = False
             for service in state.services.values():

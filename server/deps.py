@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -27,6 +27,9 @@ class AppState:
     credentials: ContentCredentials | None = None  # None: images are not signed
     ready: bool = False
     draining: bool = False
+    engine_dead: str | None = None  # why, once the watchdog saw an engine core die
+    # Set by whoever runs the server: stop it (in-flight requests drain first).
+    stop_server: Callable[[], None] | None = None
 
 
 def get_state(request: Request) -> AppState:
@@ -45,7 +48,9 @@ def require_api_key(request: Request, state: AppState = Depends(get_state)) -> N
 
 
 def accepting(state: AppState = Depends(get_state)) -> AppState:
-    """Refuse new generation work until ready and while draining."""
+    """Refuse new generation work until ready, while draining and once an engine died."""
+    if dead_engine(state):
+        raise ServiceError.engine_unavailable()
     if state.draining:
         raise ServiceError(503, "server is shutting down", type="server_error",
                            code="draining", headers={"Retry-After": "5"})
@@ -53,6 +58,13 @@ def accepting(state: AppState = Depends(get_state)) -> AppState:
         raise ServiceError(503, "models are loading", type="server_error", code="not_ready",
                            headers={"Retry-After": "5"})
     return state
+
+
+def dead_engine(state: AppState) -> str | None:
+    """Why the server cannot generate any more, if an engine core died (seen at once, before
+    the watchdog acts on it)."""
+    dead = [name for name, service in state.services.items() if service.engine_dead]
+    return state.engine_dead or (f"the engine core of {', '.join(dead)} died" if dead else None)
 
 
 def resolve_service(state: AppState, model: str | None) -> ModelService:

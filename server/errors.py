@@ -31,6 +31,22 @@ class ServiceError(Exception):
         return cls(429, str(e), type="rate_limit_error", code="queue_full",
                    headers={"Retry-After": str(e.retry_after_s)})
 
+    @classmethod
+    def engine_unavailable(cls) -> ServiceError:
+        return cls(503, "the generation engine died; this server is restarting, retry on "
+                   "another replica or shortly", type="server_error", code="engine_unavailable",
+                   headers={"Retry-After": "10"})
+
+    @classmethod
+    def timeout(cls, seconds: float) -> ServiceError:
+        return cls(504, f"the request did not finish within {seconds:g} s and was aborted",
+                   type="server_error", code="request_timeout")
+
+    @classmethod
+    def internal(cls, request_id: str) -> ServiceError:
+        return cls(500, f"internal server error (request {request_id})", type="server_error",
+                   code="internal_error")
+
     def info(self) -> ErrorInfo:
         return ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
 
@@ -70,7 +86,3 @@ def add_error_handlers(app: FastAPI) -> None:
                               type="invalid_request_error" if exc.status_code < 500
                               else "server_error", headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", extra={"request_id": request.state.request_id})
-        return error_response(500, "internal server error", type="server_error")

@@ -9,6 +9,8 @@ from engine.metrics import LATENCY_BUCKETS
 
 REQUESTS = Counter("llamagen_requests", "Generation requests by outcome", ["model", "endpoint",
                                                                           "outcome"])
+TIMEOUTS = Counter("llamagen_request_timeouts", "Generation requests aborted at their "
+                   "deadline (--request-timeout-s)", ["model", "endpoint"])
 REQUEST_LATENCY = Histogram("llamagen_request_latency_seconds",
                             "Generation request latency, arrival to last image",
                             ["model", "endpoint"], buckets=LATENCY_BUCKETS)

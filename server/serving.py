@@ -23,6 +23,7 @@ from engine.credentials import SigningError
 from engine.images import ImageWriter
 from engine.sampling import SamplingOptions, SamplingOverrides
 from engine.service import Finished, Preview, QueueFull, Reservation
+from engine.vllm_api import EngineDead
 from server import metrics
 from server.deps import AppState, resolve_service, until_disconnected
 from server.errors import ServiceError
@@ -117,10 +118,23 @@ class ServingRequest:
 
     # ---- generation and images ----
 
-    def generate(self, conditions: list[Condition], partial_images: int = 0
-                 ) -> AsyncIterator[Preview | Finished]:
-        return self.service.generate(conditions, self.options, partial_images=partial_images,
-                                     request_id=self.request_id)
+    async def generate(self, conditions: list[Condition], partial_images: int = 0
+                       ) -> AsyncIterator[Preview | Finished]:
+        """The service's events, within the request's deadline; a dead engine is a 503 and a
+        passed deadline a 504 (its vLLM requests aborted either way)."""
+        timeout = self.state.settings.request_timeout_s
+        events = self.service.generate(conditions, self.options, partial_images=partial_images,
+                                       request_id=self.request_id,
+                                       deadline=self.started + timeout)
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        except TimeoutError:
+            metrics.TIMEOUTS.labels(self.service.name, self.endpoint).inc()
+            raise ServiceError.timeout(timeout) from None
+        except EngineDead:
+            raise ServiceError.engine_unavailable() from None
 
     async def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
         # Off the event loop: PNG compression and signing take milliseconds.
@@ -157,7 +171,9 @@ class ServingRequest:
                         yield item
                 outcome = "ok"
             except Exception as e:
-                yield sse_error(e)
+                if not isinstance(e, ServiceError):
+                    log.exception("stream failed", extra={"request_id": self.request_id})
+                yield sse_error(e, self.request_id)
             finally:
                 self._finish(outcome)
 
@@ -300,10 +316,6 @@ def sse(event: BaseModel | dict[str, Any]) -> dict[str, str]:
     return {"event": data["type"], "data": json.dumps(data)}
 
 
-def sse_error(e: Exception) -> dict[str, str]:
-    if isinstance(e, ServiceError):
-        info = e.info().model_dump()
-    else:
-        info = {"message": "image generation failed", "type": "server_error", "param": None,
-                "code": None}
-    return {"event": "error", "data": json.dumps({"error": info})}
+def sse_error(e: Exception, request_id: str) -> dict[str, str]:
+    error = e if isinstance(e, ServiceError) else ServiceError.internal(request_id)
+    return {"event": "error", "data": json.dumps({"error": error.info().model_dump()})}

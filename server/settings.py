@@ -28,8 +28,10 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
                                       "on every /v1 route")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight "
-                                   "requests may finish")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM or engine death, how "
+                                   "long in-flight requests may finish")
+    request_timeout_s: float = Field(600.0, gt=0, description="a generation request still "
+                                     "unfinished after this long is aborted (504)")
     image_dir: Path = Field(Path("/tmp/llamagen-images"), description="where url-format "
                             "images are stored")
     image_ttl_s: float = Field(3600.0, gt=0, description="how long url-format images live")

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from engine.vllm_api import vllm_version
 from model_registry.convert import software_version
-from server.deps import AppState, get_state
+from server.deps import AppState, dead_engine, get_state
 
 router = APIRouter(tags=["operations"])
 
@@ -27,7 +27,10 @@ async def health(state: AppState = Depends(get_state)) -> JSONResponse:
 
 @router.get("/ready")
 def ready(state: AppState = Depends(get_state)) -> JSONResponse:
-    """503 until the models are loaded and while draining: take no new traffic."""
+    """503 until the models are loaded, while draining and once an engine died: take no new
+    traffic."""
+    if reason := dead_engine(state):
+        return JSONResponse({"status": "engine_dead", "reason": reason}, status_code=503)
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not state.ready:
