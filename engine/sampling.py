@@ -29,10 +29,12 @@ class SamplingOptions(BaseModel):
 
     cfg_scale: float = Field(4.0, ge=0, le=100, description="classifier-free guidance scale; "
                              "<= 1 disables guidance (t2i models: 7.5)")
-    cfg_interval: int = Field(-1, ge=-1, description="-1: guide every token; n: guide image "
-                              "tokens 0..n+1 only")
+    # Bounded: an integer beyond 64 bits in extra_args hangs the request inside vLLM 0.32.
+    cfg_interval: int = Field(-1, ge=-1, le=2**31 - 1, description="-1: guide every token; n: "
+                              "guide image tokens 0..n+1 only")
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy")
-    top_k: int = Field(2000, ge=0, description="0 disables top-k (t2i models: 1000)")
+    top_k: int = Field(2000, ge=0, le=2**31 - 1,
+                       description="0 disables top-k (t2i models: 1000)")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="image i uses seed + i; "
                              "random when absent")

@@ -36,8 +36,8 @@ def guidance_args(extra_args: dict[str, Any] | None) -> tuple[float, int]:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) \
             or scale < 0:
         raise ValueError(f"cfg_scale must be a finite number >= 0, got {scale!r}")
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < -1:
-        raise ValueError(f"cfg_interval must be an integer >= -1, got {interval!r}")
+    if isinstance(interval, bool) or not isinstance(interval, int) or not -1 <= interval < 2**31:
+        raise ValueError(f"cfg_interval must be an integer in -1..2**31-1, got {interval!r}")
     return float(scale), interval
 
 

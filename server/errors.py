@@ -4,6 +4,7 @@ with the right status, whatever raised them; no stack trace leaves the server.""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +50,34 @@ class ServiceError(Exception):
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON, a wrong type or value, an unknown class, too many "
+         "images (`param` names the field)",
+    401: "Missing or invalid API key (`Authorization: Bearer KEY`)",
+    404: "Unknown model or image",
+    405: "Method not allowed (`Allow` lists the allowed ones)",
+    413: "Request body larger than --max-body-bytes",
+    429: "Too many images in flight; retry after `Retry-After` seconds",
+    500: "Internal error; `X-Request-Id` and the message name the request",
+    503: "Loading, draining, or the engine died; retry after `Retry-After` seconds",
+    504: "The request passed --request-timeout-s and was aborted",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries: each status with the error envelope's schema."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+            for status in statuses}
+
+
+# One server-sent event of a streamed response: its name and its JSON payload.
+SSE_EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string", "description": "a JSON object"}}}
+
+# What every generation request can answer besides 200.
+GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, 504)
 
 
 def error_response(status: int, message: str, *, type: str = "invalid_request_error",

@@ -24,7 +24,9 @@ class ImageGenerationRequest(OpenAISampling):  # type: ignore[misc, valid-type]
     ("207") or name ("golden retriever"); for text-conditional ones it is the caption
     (cleaned and truncated to 120 T5 tokens, as the original does)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a JSON type other than the documented one is a 400, never coerced (false as 0,
+    # "2" as 2), so the OpenAPI document is the truth.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
@@ -137,10 +139,19 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def _exactly_one(*fields: str) -> dict:
+    """JSON schema: exactly one of `fields` is given and not null."""
+    return {"oneOf": [{"required": [f], "properties": {f: {"type": "array"}},
+                       "not": {"anyOf": [{"required": [o], "properties": {o: {"type": "array"}}}
+                                         for o in fields if o != f]}}
+                      for f in fields]}
+
+
 class NativeGenerateRequest(NativeSampling):  # type: ignore[misc, valid-type]
     """POST /v1/generate: a batch of images, one per label (c2i models) or per prompt (t2i)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra=_exactly_one("labels", "prompts"))
 
     labels: list[int | str] | None = Field(None, min_length=1,
                                            description="c2i: class ids or names")

@@ -53,7 +53,8 @@ def served_model(tmp_path_factory):
 def server(served_model, tmp_path_factory):
     with ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
                        "--max-num-seqs", "8", "--max-queued-images", "12",
-                       "--max-body-bytes", "4096", "--drain-timeout-s", "60") as proc:
+                       "--max-body-bytes", "4096", "--drain-timeout-s", "60",
+                       "--decoder-max-batch", "4") as proc:
         yield proc
 
 
@@ -138,6 +139,29 @@ def test_every_served_image_is_signed(client, server):
     (done,) = list(client.images.generate(prompt="2", stream=True, output_format="jpeg",
                                           extra_body={"seed": 5}))
     assert generation(decode_b64(done.b64_json)[1], "jpeg")["class_label"] == 2
+
+
+def test_same_seed_same_pixels_whatever_else_is_in_flight(server):
+    """20 repeats of one seeded request, interleaved with 20 other requests (decode batches
+    of 4, filled differently each time): pixel-identical every time."""
+    async def run() -> list[np.ndarray]:
+        gate = asyncio.Semaphore(5)  # stay under the server's queue limit
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
+            async def post(body: dict) -> dict:
+                async with gate:
+                    response = await http.post(f"{server.url}/v1/images/generations",
+                                               json=body)
+                assert response.status_code == 200, response.text
+                return response.json()
+
+            seeded = [post({"prompt": "yellow star", "seed": 1234}) for _ in range(20)]
+            others = [post({"prompt": str(i % 10), "n": 1 + i % 3}) for i in range(20)]
+            mixed = [task for pair in zip(seeded, others, strict=True) for task in pair]
+            results = await asyncio.gather(*mixed)
+        return [np.asarray(decode_b64(r["data"][0]["b64_json"])[0]) for r in results[::2]]
+
+    images = asyncio.run(run())
+    assert all(np.array_equal(images[0], image) for image in images[1:])
 
 
 def test_openai_stream_without_partials(client):

@@ -136,6 +136,34 @@ def test_service_micro_batches_and_matches_one_by_one(golden_expected, golden_de
                             golden_decoder.decode_uint8(codes[i: i + 1, :5]).numpy()[0])
 
 
+def test_invariant_batches_decode_a_grid_the_same_whatever_else_is_in_flight(
+        golden_expected, golden_decoder):
+    """Padded to a fixed batch, a grid gives the same pixels alone, at another position,
+    beside other grids, and as one of a partly filled batch."""
+    codes = golden_codes(golden_expected)
+    batches: list[int] = []
+
+    async def run() -> list[np.ndarray]:
+        service = DecoderService(golden_decoder, max_batch_size=4, max_wait_s=0.05,
+                                 invariant=True, on_batch=lambda n, _s: batches.append(n))
+        await service.start()
+        try:
+            alone = await service.decode(codes[0].flatten(), 16)
+            crowd = await asyncio.gather(*(service.decode(codes[i].flatten(), 16)
+                                           for i in (2, 1, 0)))
+            return [alone, crowd[2]]
+        finally:
+            await service.stop()
+
+    alone, beside_others = asyncio.run(run())
+    assert batches == [1, 3]
+    assert np.array_equal(alone, beside_others)
+    free = golden_decoder.decode_uint8(codes[:3]).numpy()[0]  # an unpadded batch of 3
+    padded = golden_decoder.decode_uint8(torch.stack([codes[0]] * 4)).numpy()[0]
+    assert np.array_equal(alone, padded)
+    assert_pixels_close(alone, free)  # what free batching gives: close, not always equal
+
+
 def test_service_rejects_ragged_rows(golden_decoder):
     async def run() -> None:
         service = DecoderService(golden_decoder)

@@ -9,11 +9,13 @@ from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
 from server.deps import AppState, accepting, get_state, require_api_key
-from server.errors import ServiceError
+from server.errors import GENERATION_ERRORS, SSE_EVENT, ServiceError, error_responses
 from server.protocol import ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
 from server.serving import ServingImages
+from vq_decoder.encoding import IMAGE_FORMATS
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
+                   responses=error_responses(401))
 STARTED = int(time.time())
 
 
@@ -27,14 +29,21 @@ def list_models(state: AppState = Depends(get_state)) -> ModelList:
         for name, s in state.services.items()])
 
 
-@router.post("/images/generations", response_model=None)
+@router.post("/images/generations", response_model=None, responses={
+    200: {"model": ImagesResponse, "content": {"text/event-stream": {"schema": {
+        **SSE_EVENT, "description": "with `stream`: image_generation.partial_image and "
+        "image_generation.completed events (or one `error` event)"}}}},
+    **GENERATION_ERRORS})
 async def create_image(body: ImageGenerationRequest, request: Request,
                        state: AppState = Depends(accepting)
                        ) -> ImagesResponse | EventSourceResponse:
     return await ServingImages(state, request, body.model).create(body)
 
 
-@router.get("/images/files/{name}")
+@router.get("/images/files/{name}", response_class=FileResponse, responses={
+    200: {"content": {spec.media_type: {"schema": {"type": "string", "format": "binary"}}
+                      for spec in IMAGE_FORMATS.values()}},
+    **error_responses(404)})
 def image_file(name: str, state: AppState = Depends(get_state)) -> FileResponse:
     found = state.images.path(name) if state.images else None
     if found is None:

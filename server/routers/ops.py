@@ -13,7 +13,13 @@ from server.deps import AppState, dead_engine, get_state
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health")
+STATUS = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}}}}
+
+
+@router.get("/health", response_class=JSONResponse, responses={
+    200: {"description": "Every engine answers and makes progress", **STATUS},
+    503: {"description": "Starting, or an engine is dead or wedged", **STATUS}})
 async def health(state: AppState = Depends(get_state)) -> JSONResponse:
     """200 while every engine answers and makes progress; 503 when one is dead or wedged."""
     if not state.services:
@@ -25,7 +31,9 @@ async def health(state: AppState = Depends(get_state)) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get("/ready", response_class=JSONResponse, responses={
+    200: {"description": "Taking traffic", **STATUS},
+    503: {"description": "Loading, draining, or an engine died", **STATUS}})
 def ready(state: AppState = Depends(get_state)) -> JSONResponse:
     """503 until the models are loaded, while draining and once an engine died: take no new
     traffic."""
@@ -38,7 +46,9 @@ def ready(state: AppState = Depends(get_state)) -> JSONResponse:
     return JSONResponse({"status": "ready", "models": list(state.services)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition (`vllm:*` and `llamagen_*`)",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics_endpoint() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
