@@ -272,9 +272,12 @@ def run_server(app: Any, settings: Any) -> None:
             app.state.llamagen.draining = True
             super().handle_exit(sig, frame)
 
+    from server.connections import header_deadline_protocol
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            timeout_graceful_shutdown=settings.drain_timeout_s,
+                            http=header_deadline_protocol(settings.header_timeout_s))
     server = DrainingServer(config)
 
     def stop() -> None:  # the engine died: drain, then exit (non-zero, see cmd_serve)

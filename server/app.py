@@ -57,8 +57,8 @@ def configure_logging(level: str) -> None:
 class RequestContext:
     """X-Request-Id in and out, a body-size cap, and one access log line per request."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float):
+        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,25 +81,33 @@ class RequestContext:
 
         length = headers.get("content-length", "")
         too_big = length.isdigit() and int(length) > self.max_body_bytes
-        received = 0
+        received, body_done = 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later reads wait for a disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise ServiceError.body_timeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge
+                    raise ServiceError.body_too_large(self.max_body_bytes)
             return message
 
         try:
             if too_big:
-                raise BodyTooLarge
+                raise ServiceError.body_too_large(self.max_body_bytes)
             await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge:
-            response = error_response(413, f"request body exceeds {self.max_body_bytes} bytes",
-                                      code="request_too_large")
-            await response(scope, receive, send_with_id)
+        except ServiceError as e:  # raised before the app, or by a route that never read
+            if started:
+                raise
+            await error_response(e.status, e.message, type=e.type, code=e.code,
+                                 headers=e.headers)(scope, receive, send_with_id)
         except Exception:
             # Here, inside this middleware, so that the 500 carries X-Request-Id too.
             log.exception("unhandled error", extra={"request_id": request_id})
@@ -115,23 +123,26 @@ class RequestContext:
                                            "seconds": round(time.monotonic() - start, 4)})
 
 
-class BodyTooLarge(Exception):
-    pass
+
 
 
 ENGINE_POLL_S = 0.2
+UNREADY_BEFORE_EXIT_S = 2.0
 
 
 async def watch_engines(state: AppState) -> None:
-    """Once an engine core dies: refuse new work (503), fail /ready and /health, and stop the
-    server, so that its orchestrator starts a fresh one. vLLM 0.32 offers no clean restart of
-    a dead engine core inside a running AsyncLLM; a new process is what vLLM's own server does
-    too. In-flight requests get their 503s while uvicorn drains them (--drain-timeout-s)."""
+    """Once an engine core dies: refuse new work (503 with Retry-After), fail /ready and
+    /health (both see the dead core at once), keep answering so for a moment, so that load
+    balancers and clients get a clear 503 rather than a reset connection, then stop the server
+    so that its orchestrator starts a fresh one. vLLM 0.32 offers no clean restart of a dead
+    engine core inside a running AsyncLLM; a new process is what vLLM's own server does too.
+    In-flight requests get their 503s while uvicorn drains them (--drain-timeout-s)."""
     while True:
         await asyncio.sleep(ENGINE_POLL_S)
         if reason := dead_engine(state):
             state.engine_dead = reason
             log.error("%s: stopping the server", reason)
+            await asyncio.sleep(min(UNREADY_BEFORE_EXIT_S, state.settings.drain_timeout_s))
             if state.stop_server is not None:
                 state.stop_server()
             return
@@ -178,7 +189,8 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
     app.include_router(ops.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document without its 422s: validation errors are 400s here, documented

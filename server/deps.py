@@ -28,6 +28,7 @@ class AppState:
     ready: bool = False
     draining: bool = False
     engine_dead: str | None = None  # why, once the watchdog saw an engine core die
+    open_streams: int = 0
     # Set by whoever runs the server: stop it (in-flight requests drain first).
     stop_server: Callable[[], None] | None = None
 

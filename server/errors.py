@@ -17,13 +17,14 @@ from server.protocol import ErrorInfo, ErrorResponse
 log = logging.getLogger("llamagen.server")
 
 
-class ServiceError(Exception):
-    """An error for the client, in the OpenAI envelope's terms."""
+class ServiceError(StarletteHTTPException):
+    """An error for the client, in the OpenAI envelope's terms. An HTTPException, so that
+    FastAPI lets it through even from inside request-body reading."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
-        super().__init__(message)
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers or {}
 
@@ -44,6 +45,15 @@ class ServiceError(Exception):
                    type="server_error", code="request_timeout")
 
     @classmethod
+    def body_too_large(cls, limit: int) -> ServiceError:
+        return cls(413, f"request body exceeds {limit} bytes", code="request_too_large")
+
+    @classmethod
+    def body_timeout(cls, seconds: float) -> ServiceError:
+        return cls(408, f"request body not received within {seconds:g} s",
+                   code="body_timeout", headers={"Connection": "close"})
+
+    @classmethod
     def internal(cls, request_id: str) -> ServiceError:
         return cls(500, f"internal server error (request {request_id})", type="server_error",
                    code="internal_error")
@@ -58,6 +68,7 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or invalid API key (`Authorization: Bearer KEY`)",
     404: "Unknown model or image",
     405: "Method not allowed (`Allow` lists the allowed ones)",
+    408: "Request body not received within --body-timeout-s",
     413: "Request body larger than --max-body-bytes",
     429: "Too many images in flight; retry after `Retry-After` seconds",
     500: "Internal error; `X-Request-Id` and the message name the request",
@@ -77,7 +88,7 @@ SSE_EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties
     "event": {"type": "string"}, "data": {"type": "string", "description": "a JSON object"}}}
 
 # What every generation request can answer besides 200.
-GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, 504)
+GENERATION_ERRORS = error_responses(400, 404, 408, 413, 429, 500, 503, 504)
 
 
 def error_response(status: int, message: str, *, type: str = "invalid_request_error",

@@ -162,9 +162,20 @@ class ServingRequest:
 
     def stream(self, events: AsyncIterator[dict[str, str]]) -> EventSourceResponse:
         """Stream `events`; an error after the status line went out is reported in-band, as
-        OpenAI does. Released and counted however it ends."""
+        OpenAI does. Released and counted however it ends. At most --max-streams at once
+        (counted while they run, so a burst may pass the cap by the streams not yet begun)."""
+        limit = self.state.settings.max_streams
+        if self.state.open_streams >= limit:
+            if self.reservation is not None:
+                self.reservation.release()
+            raise ServiceError(429, f"too many open streams (limit {limit}); retry later or "
+                               "ask without stream", type="rate_limit_error",
+                               code="too_many_streams", headers={"Retry-After": "5"})
+
         async def guarded() -> AsyncIterator[dict[str, str]]:
             outcome = "error"
+            self.state.open_streams += 1
+            metrics.OPEN_STREAMS.set(self.state.open_streams)
             try:
                 async with contextlib.aclosing(events):
                     async for item in events:
@@ -175,9 +186,15 @@ class ServingRequest:
                     log.exception("stream failed", extra={"request_id": self.request_id})
                 yield sse_error(e, self.request_id)
             finally:
+                self.state.open_streams -= 1
+                metrics.OPEN_STREAMS.set(self.state.open_streams)
                 self._finish(outcome)
 
-        return EventSourceResponse(guarded(), headers={"X-Request-Id": self.request_id})
+        # On shutdown (SIGTERM, a dead engine) sse-starlette would cut open streams at once;
+        # the grace lets them finish, or send their error event, within the drain.
+        grace = max(0.0, self.state.settings.drain_timeout_s - 1)
+        return EventSourceResponse(guarded(), headers={"X-Request-Id": self.request_id},
+                                   shutdown_grace_period=grace)
 
     async def collect(self, work: Awaitable[T]) -> T:
         """Run a non-streaming request's work, cancelled if the client leaves; released and

@@ -28,6 +28,12 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
                                       "on every /v1 route")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request "
+                                    "headers are not complete within this is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not received "
+                                  "within this (between its chunks) is answered 408")
+    max_streams: int = Field(256, ge=1, description="concurrent streamed responses; beyond "
+                             "it a streaming request gets 429")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM or engine death, how "
                                    "long in-flight requests may finish")
     request_timeout_s: float = Field(600.0, gt=0, description="a generation request still "

@@ -62,11 +62,11 @@ Scenario = Callable[[httpx.AsyncClient, ModelService, Any], Awaitable[None]]
 
 
 def run_app(model, scenario: Scenario, *, mode: str = "ok", timeout_s: float = 60,
-            fail_label: int | None = None) -> None:
+            fail_label: int | None = None, **settings_: Any) -> None:
     """The real app and ModelService with a stand-in engine and a real decoder service whose
     decode fails for grids of `fail_label`."""
     settings = ServerSettings(model=[model.path], request_timeout_s=timeout_s, c2pa=False,
-                              api_key=None)
+                              api_key=None, **settings_)
     app = create_app(settings)
     state = app.state.llamagen
 
@@ -200,3 +200,24 @@ def test_a_dead_engine_is_a_503_then_ready_fails_and_the_server_stops(tiny_model
         assert again.json()["error"]["code"] == "engine_unavailable"
 
     run_app(tiny_model, scenario, mode="dead")
+
+
+def test_streams_beyond_the_cap_get_429(tiny_model):
+    async def scenario(client, service, state):
+        body = {"prompt": "1", "stream": True}
+        held = [asyncio.create_task(client.post("/v1/images/generations", json=body))
+                for _ in range(2)]
+        for _ in range(100):
+            if state.open_streams == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert state.open_streams == 2
+        refused = await client.post("/v1/images/generations", json=body)
+        assert refused.status_code == 429 and "retry-after" in refused.headers
+        assert refused.json()["error"]["code"] == "too_many_streams"
+        assert service.in_flight == 2  # the refused request's images were released
+        for done in await asyncio.gather(*held):  # they end at their deadline
+            assert "request_timeout" in done.text
+        assert state.open_streams == 0
+
+    run_app(tiny_model, scenario, mode="hang", timeout_s=1.0, max_streams=2)
