@@ -298,9 +298,11 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from bench import decoder as bench_decoder
+    from bench import invariance as bench_invariance
     from bench import models as bench_models
     from bench import serve as bench_serve
     from bench import signing as bench_signing
+    from bench import soak as bench_soak
     from engine.credentials import SigningSettings
     from engine.sampling import SamplingOptions
     from engine.settings import EngineSettings
@@ -387,18 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "docs/bench_offline_t2i.json (t2i)")
     b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")
     b.set_defaults(func=cmd_bench_offline)
-    b = bench.add_parser("serve", help="load-test a running server (httpx, async)")
-    bench_serve.add_arguments(b)
-    b.set_defaults(func=bench_serve.main)
-    b = bench.add_parser("make-model", help="a random-weight model directory of a zoo size")
-    bench_models.add_arguments(b)
-    b.set_defaults(func=bench_models.main)
-    b = bench.add_parser("signing", help="C2PA signing time per image, by format and size")
-    bench_signing.add_arguments(b)
-    b.set_defaults(func=bench_signing.main)
-    b = bench.add_parser("decoder", help="VQ decode images/s against batch size")
-    bench_decoder.add_arguments(b)
-    b.set_defaults(func=bench_decoder.main)
+    for name, module, help_text in (
+            ("serve", bench_serve, "load-test a running server (httpx, async)"),
+            ("make-model", bench_models, "a random-weight model directory of a zoo size"),
+            ("invariance", bench_invariance, "what batch-invariant decoding costs"),
+            ("soak", bench_soak, "server and engine memory under 10 minutes of load"),
+            ("signing", bench_signing, "C2PA signing time per image, by format and size"),
+            ("decoder", bench_decoder, "VQ decode images/s against batch size")):
+        b = bench.add_parser(name, help=help_text)
+        module.add_arguments(b)
+        b.set_defaults(func=module.main)
     return parser
 
 
