@@ -54,7 +54,7 @@ FROM ${VLLM_IMAGE} AS gpu
 COPY --from=wheel /dist /dist
 RUN pip install --no-cache-dir --no-deps /dist/*.whl \
     && pip install --no-cache-dir sse-starlette==3.7.0 pydantic-settings==2.16.3 \
-        ftfy==6.3.1 beautifulsoup4==4.15.0 c2pa-python==0.38.1 "cryptography>=42" \
+        ftfy==6.3.1 beautifulsoup4==4.15.0 c2pa-python==0.38.1 "cryptography>=42" boto3==1.44.8 \
     && rm -rf /dist \
     && useradd --create-home --uid 10001 llamagen \
     && mkdir -p /models /tmp/llamagen-images \

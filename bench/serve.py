@@ -43,6 +43,7 @@ class LoadSpec:
     stream: bool = False
     partial_images: int = 0
     seed: int = 0
+    response_format: str = "b64_json"
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -54,6 +55,8 @@ class LoadSpec:
             body["model"] = self.model
         if self.stream:
             body.update(stream=True, partial_images=self.partial_images)
+        if self.response_format != "b64_json":
+            body["response_format"] = self.response_format
         return body
 
 
@@ -163,7 +166,8 @@ async def run_load(spec: LoadSpec, *, mode: str = "closed", concurrency: int = 1
         after = await scrape(client, spec.url)
     return summarize(outcomes, wall, before, after, peaks) | {
         "mode": mode, "concurrency": concurrency if mode == "closed" else None,
-        "rate": rate if mode == "open" else None, "n": spec.n, "stream": spec.stream}
+        "rate": rate if mode == "open" else None, "n": spec.n, "stream": spec.stream,
+        "response_format": spec.response_format}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -221,6 +225,8 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         lat = run["latencies"]
         if lat:
             label = f"c={run['concurrency']}" if run["mode"] == "closed" else f"{run['rate']}/s"
+            if run["response_format"] != "b64_json":
+                label += f" {run['response_format']}"
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=label)
     ax.set(xlabel="latency (s)", ylabel="fraction of requests", title="Latency CDF")
     ax.grid(alpha=0.3)
@@ -229,7 +235,8 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "latency_cdf.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-    sweep = [r for r in runs if r["mode"] == "closed"]
+    sweep = [r for r in runs if r["mode"] == "closed"
+             and r["response_format"] == runs[0]["response_format"]]
     if len(sweep) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["concurrency"] for r in sweep]
@@ -322,6 +329,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--duration", type=float, default=300, help="seconds per run (a cap)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--n", type=int, default=1, help="images per request")
+    parser.add_argument("--response-format", nargs="+", default=["b64_json"],
+                        choices=["b64_json", "url"], help="one run per format at each level "
+                        "(url: what the image store adds)")
     parser.add_argument("--prompts", nargs="+", default=["0", "1", "2", "3"],
                         help="class ids or names, used in turn")
     parser.add_argument("--stream", action="store_true")
@@ -334,21 +344,26 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--json-out", default="docs/bench_serve.json")
     parser.add_argument("--plots-dir", default="docs/bench_serve")
     parser.add_argument("--markdown-out", help="write a section into this markdown file")
+    parser.add_argument("--markdown-section", help="its name (default: serve-MODEL)")
 
 
 def main(args: Any) -> dict:
     from bench.report import command_line, machine, write_section
 
-    spec = LoadSpec(url=args.url.rstrip("/"), api_key=args.api_key, model=args.model,
-                    prompts=args.prompts, n=args.n, stream=args.stream,
-                    partial_images=args.partial_images)
+    specs = [LoadSpec(url=args.url.rstrip("/"), api_key=args.api_key, model=args.model,
+                      prompts=args.prompts, n=args.n, stream=args.stream,
+                      partial_images=args.partial_images, response_format=fmt)
+             for fmt in args.response_format]
+    spec = specs[0]
     levels = sweep_levels(args.sweep) if args.sweep else [args.concurrency]
     runs = []
     for level in (levels if args.mode == "closed" else [args.concurrency]):
-        runs.append(asyncio.run(run_load(spec, mode=args.mode, concurrency=level,
-                                         rate=args.rate, requests=args.requests,
-                                         duration_s=args.duration, warmup=args.warmup)))
-        print(json.dumps({k: v for k, v in runs[-1].items() if k != "latencies"}), flush=True)
+        for each in specs:  # formats side by side at each level, so noise hits them alike
+            runs.append(asyncio.run(run_load(each, mode=args.mode, concurrency=level,
+                                             rate=args.rate, requests=args.requests,
+                                             duration_s=args.duration, warmup=args.warmup)))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "latencies"}),
+                  flush=True)
     if args.offline_model:
         for run in runs:
             level = run["concurrency"] or max(1, round(args.rate))
@@ -367,20 +382,25 @@ def main(args: Any) -> dict:
     Path(args.json_out).write_text(json.dumps(result, indent=1))
     if args.markdown_out:
         info = result["machine"]
-        lines = [f"## HTTP server under load vs offline engine vs reference loop: {served}", "",
+        title = f"HTTP server under load vs offline engine vs reference loop: {served}"
+        if args.markdown_section:
+            title += f" ({args.markdown_section})"
+        lines = [f"## {title}", "",
                  f"Command: `{result['command']}` ({info['date']}; {info['cpu']}, "
                  f"{info['cores']} cores). Server and client on the same machine; offline "
                  "numbers include the VQ decode, as the server does. Raw data: "
                  f"`{args.json_out}`; plots: " + ", ".join(f"`{p}`" for p in plots) + ".", "",
-                 "| mode | concurrency | images/s HTTP | p50 s | p99 s | offline engine images/s "
-                 "| reference images/s | HTTP / engine | errors |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| mode | concurrency | format | images/s HTTP | p50 s | p99 s | offline engine "
+                 "images/s | reference images/s | HTTP / engine | errors |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             off = r.get("offline", {})
             lines.append(f"| {r['mode']} | {r['concurrency'] or r['rate']} | "
-                         f"{r['images_per_s']} | {r['latency_s']['p50']} | "
+                         f"{r['response_format']} | {r['images_per_s']} | "
+                         f"{r['latency_s']['p50']} | "
                          f"{r['latency_s']['p99']} | {off.get('engine_images_per_s', '-')} | "
                          f"{off.get('reference_images_per_s', '-')} | "
                          f"{off.get('http_vs_engine', '-')} | {r['errors_by_status'] or 0} |")
-        write_section(Path(args.markdown_out), f"serve-{served}", "\n".join(lines))
+        write_section(Path(args.markdown_out), args.markdown_section or f"serve-{served}",
+                      "\n".join(lines))
     return result

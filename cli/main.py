@@ -23,6 +23,7 @@ from model_registry.checkpoint import CheckpointError
 from model_registry.configs import ConfigError
 from model_registry.model_dir import load_model_dir
 from model_registry.text_encoder import DEFAULT_TEXT_ENCODER
+from server.image_store import StoreUnavailable
 
 
 class UsageError(ValueError):
@@ -256,10 +257,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
         load_model_dir(path)
     configure_logging(settings.log_level)
     credentials = ContentCredentials.from_settings(settings)  # bad keys: fail before it too
+    check_image_store(settings)  # a missing bucket or bad credentials: likewise
     app = create_app(settings, credentials)
     run_server(app, settings)
     if app.state.llamagen.engine_dead:
         raise EngineDied(app.state.llamagen.engine_dead)
+
+
+def check_image_store(settings: Any) -> None:
+    import asyncio
+
+    from server.image_store import open_image_store
+
+    if settings.image_store is not None:
+        asyncio.run(open_image_store(settings.image_store, settings.image_dir,
+                                     settings.image_ttl_s, settings.image_store_endpoint).start())
 
 
 def run_server(app: Any, settings: Any) -> None:
@@ -412,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EngineDied as e:
         print(f"llamagen: error: {e}; exiting for a restart", file=sys.stderr)
         return 3
-    except (UsageError, ConfigError, CheckpointError, SigningError, ValueError, OSError) as e:
+    except (UsageError, ConfigError, CheckpointError, SigningError, StoreUnavailable,
+            ValueError, OSError) as e:
         print(f"llamagen: error: {e}", file=sys.stderr)
         return 2
     return 0

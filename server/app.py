@@ -25,7 +25,7 @@ from engine.service import ModelService
 from model_registry.model_dir import load_model_dir
 from server.deps import AppState, dead_engine
 from server.errors import ServiceError, add_error_handlers, error_response
-from server.image_store import ImageStore
+from server.image_store import open_image_store
 from server.routers import native, openai_images, ops, playground
 from server.settings import ServerSettings
 
@@ -158,8 +158,9 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.credentials is None:
             state.credentials = ContentCredentials.from_settings(settings)
-        state.images = ImageStore(settings.image_dir, settings.image_ttl_s)
-        state.images.start()
+        state.images = open_image_store(settings.image_store, settings.image_dir,
+                                        settings.image_ttl_s, settings.image_store_endpoint)
+        await state.images.start()  # an unusable store stops the start, saying why
         try:
             for path in settings.model:
                 model = load_model_dir(path)

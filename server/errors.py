@@ -40,6 +40,12 @@ class ServiceError(StarletteHTTPException):
                    headers={"Retry-After": "10"})
 
     @classmethod
+    def store_unavailable(cls) -> ServiceError:
+        return cls(503, "the image store is unavailable; ask for response_format b64_json or "
+                   "retry later", type="server_error", code="image_store_unavailable",
+                   headers={"Retry-After": "5"})
+
+    @classmethod
     def timeout(cls, seconds: float) -> ServiceError:
         return cls(504, f"the request did not finish within {seconds:g} s and was aborted",
                    type="server_error", code="request_timeout")

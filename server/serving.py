@@ -27,6 +27,7 @@ from engine.vllm_api import EngineDead
 from server import metrics
 from server.deps import AppState, resolve_service, until_disconnected
 from server.errors import ServiceError
+from server.image_store import StoreUnavailable
 from server.protocol import (
     CompletedEvent,
     Image,
@@ -274,7 +275,11 @@ class ServingImages(ServingRequest):
     async def _store(self, event: Finished, condition: Condition) -> str:
         assert self.state.images is not None
         data = await self.encode(event.pixels, condition, event.seed)
-        name = self.state.images.save(data, self.writer.format)
+        try:
+            name = await self.state.images.save(data, self.writer.format)
+        except StoreUnavailable:
+            log.exception("image store failed", extra={"request_id": self.request_id})
+            raise ServiceError.store_unavailable() from None
         base = self.state.settings.public_url or str(self.request.base_url)
         return f"{base.rstrip('/')}/v1/images/files/{name}"
 

@@ -39,7 +39,13 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="a generation request still "
                                      "unfinished after this long is aborted (504)")
     image_dir: Path = Field(Path("/tmp/llamagen-images"), description="where url-format "
-                            "images are stored")
+                            "images are stored when --image-store is not given")
+    image_store: str | None = Field(None, description="shared object storage for url-format "
+                                    "images, s3://bucket/prefix (AWS credential chain); any "
+                                    "replica then serves any image")
+    image_store_endpoint: str | None = Field(None, description="S3-compatible endpoint URL "
+                                             "(MinIO, Ceph, R2, GCS interop; default: AWS, "
+                                             "or AWS_ENDPOINT_URL)")
     image_ttl_s: float = Field(3600.0, gt=0, description="how long url-format images live")
     public_url: str | None = Field(None, description="base URL for image links (default: the "
                                    "request's own)")

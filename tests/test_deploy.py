@@ -72,6 +72,10 @@ def test_deployment_is_production_shaped(overlay):
     mounts = {m["name"]: m for m in server["volumeMounts"]}
     assert volumes["c2pa"]["secret"]["secretName"] == "llamagen-c2pa"
     assert mounts["c2pa"]["readOnly"] is True
+    # url images go to a shared bucket, with credentials from a Secret (or a cloud identity).
+    assert config["LLAMAGEN_IMAGE_STORE"].startswith("s3://")
+    assert {"name": "llamagen-object-store", "optional": True} in [
+        ref["secretRef"] for ref in server["envFrom"] if "secretRef" in ref]
     for name in ("LLAMAGEN_C2PA_CERT", "LLAMAGEN_C2PA_KEY"):
         assert env[name]["value"].startswith(mounts["c2pa"]["mountPath"] + "/")
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
@@ -104,7 +108,16 @@ def test_yaml_passes_yamllint():
 
 def test_compose_and_dashboard_parse():
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"llamagen", "prometheus", "grafana"}
+    services = compose["services"]
+    assert set(services) == {"llamagen", "minio", "minio-buckets", "prometheus", "grafana"}
+    server = services["llamagen"]
+    # url images in MinIO: the server waits for the bucket and points at it.
+    assert server["environment"]["LLAMAGEN_IMAGE_STORE"] == "s3://llamagen-images/generated"
+    assert server["environment"]["LLAMAGEN_IMAGE_STORE_ENDPOINT"] == "http://minio:9000"
+    assert server["depends_on"]["minio-buckets"]["condition"] == \
+        "service_completed_successfully"
+    assert "mc mb --ignore-existing store/llamagen-images" in " ".join(
+        services["minio-buckets"]["entrypoint"])
     gpu = compose["services"]["llamagen"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpu[0]["capabilities"] == ["gpu"]
     scrape = yaml.safe_load((DEPLOY / "compose" / "prometheus" / "prometheus.yml").read_text())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from server.deps import AppState, accepting, get_state, require_api_key
 from server.errors import GENERATION_ERRORS, SSE_EVENT, ServiceError, error_responses
+from server.image_store import StoreUnavailable
 from server.protocol import ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
 from server.serving import ServingImages
 from vq_decoder.encoding import IMAGE_FORMATS
@@ -40,14 +41,17 @@ async def create_image(body: ImageGenerationRequest, request: Request,
     return await ServingImages(state, request, body.model).create(body)
 
 
-@router.get("/images/files/{name}", response_class=FileResponse, responses={
+@router.get("/images/files/{name}", response_class=Response, responses={
     200: {"content": {spec.media_type: {"schema": {"type": "string", "format": "binary"}}
                       for spec in IMAGE_FORMATS.values()}},
-    **error_responses(404)})
-def image_file(name: str, state: AppState = Depends(get_state)) -> FileResponse:
-    found = state.images.path(name) if state.images else None
+    **error_responses(404, 503)})
+async def image_file(name: str, state: AppState = Depends(get_state)) -> Response:
+    try:
+        found = await state.images.get(name) if state.images else None
+    except StoreUnavailable:
+        raise ServiceError.store_unavailable() from None
     if found is None:
         raise ServiceError(404, "image not found or expired", param="name",
                            code="image_not_found")
-    path, spec = found
-    return FileResponse(path, media_type=spec.media_type)
+    data, spec = found
+    return Response(data, media_type=spec.media_type)

@@ -1,0 +1,144 @@
+"""url-format images in shared S3-compatible storage, against a real S3 server process
+(moto's standalone server, started here): two replicas share one bucket; a missing bucket or
+missing credentials stop the start with one clear line; a store that goes away makes `url`
+requests 503 while `b64_json` ones go on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from model_registry.demo import DEMO_MODEL
+from server.image_store import S3ImageStore, StoreUnavailable
+
+from .helpers import API_KEY, ServerProcess, assert_one_line_error, free_port, run_cli
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+BUCKET = "llamagen-images"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class MotoServer:
+    """moto's standalone S3 server on a loopback port."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        moto = Path(sys.executable).parent / "moto_server"
+        self.log = (workdir / "moto.log").open("w")
+        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(self.url, timeout=1)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[MotoServer]:
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)  # the servers started below inherit them
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def store_flags(s3: MotoServer, bucket: str = BUCKET) -> list[str]:
+    return ["--image-store", f"s3://{bucket}/served", "--image-store-endpoint", s3.url]
+
+
+def workdir(root: Path, name: str) -> Path:
+    (root / name).mkdir()
+    return root / name
+
+
+def test_store_round_trip_and_expiry(s3):
+    async def run() -> None:
+        store = S3ImageStore(f"s3://{BUCKET}/unit", ttl_s=3600, endpoint_url=s3.url)
+        await store.start()
+        name = await store.save(b"\x89PNG fake", "png")
+        data, spec = await store.get(name)
+        assert data == b"\x89PNG fake" and spec.media_type == "image/png"
+        assert await store.get("0" * 32 + ".png") is None  # unknown
+        assert await store.get("../etc/passwd") is None  # malformed: never asked for
+        expired = S3ImageStore(f"s3://{BUCKET}/unit", ttl_s=1e-6, endpoint_url=s3.url)
+        assert await expired.get(name) is None
+        key = boto3.client("s3", endpoint_url=s3.url).head_object(Bucket=BUCKET,
+                                                                  Key=f"unit/{name}")
+        assert key["ContentType"] == "image/png"
+
+    asyncio.run(run())
+
+
+def test_a_url_from_one_replica_is_served_by_another(s3, tmp_path):
+    with ServerProcess([DEMO_MODEL], workdir(tmp_path, "a"), *store_flags(s3)) as first, \
+            ServerProcess([DEMO_MODEL], workdir(tmp_path, "b"), *store_flags(s3)) as second:
+        made = httpx.post(f"{first.url}/v1/images/generations", headers=AUTH, timeout=60,
+                          json={"prompt": "red circle", "response_format": "url", "seed": 1})
+        url = made.json()["data"][0]["url"]
+        fetched_at_first = httpx.get(url, headers=AUTH)
+        fetched_at_second = httpx.get(url.replace(first.url, second.url), headers=AUTH)
+        assert fetched_at_first.status_code == fetched_at_second.status_code == 200
+        assert fetched_at_second.content == fetched_at_first.content  # byte-identical
+        assert fetched_at_second.headers["content-type"] == "image/png"
+        assert not list((tmp_path / "a" / "images").glob("*.png"))  # nothing on local disk
+
+
+def test_a_missing_bucket_or_credentials_stop_the_start(s3, tmp_path):
+    assert_one_line_error(run_cli("serve", *store_flags(s3, "no-such-bucket")),
+                          "the bucket does not exist")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
+    result = subprocess.run([sys.executable, "-m", "cli.main", "serve", *store_flags(s3)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(result, "image store s3://")
+    assert "credentials" in result.stderr.lower()
+
+
+def test_a_store_outage_fails_url_requests_only(tmp_path, monkeypatch):
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    s3 = MotoServer(tmp_path)
+    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket=BUCKET)
+    with ServerProcess([DEMO_MODEL], workdir(tmp_path, "server"), *store_flags(s3)) as server:
+        body = {"prompt": "1", "response_format": "url"}
+        assert httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, json=body,
+                          timeout=60).status_code == 200
+        s3.stop()
+        refused = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, json=body,
+                             timeout=60)
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        assert refused.json()["error"]["code"] == "image_store_unavailable"
+        b64 = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, timeout=60,
+                         json={"prompt": "1"})
+        assert b64.status_code == 200 and b64.json()["data"][0]["b64_json"]
+        missing = httpx.get(f"{server.url}/v1/images/files/{'0' * 32}.png", headers=AUTH)
+        assert missing.status_code == 503  # unknown is not the same as unreachable
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(S3ImageStore(f"s3://{BUCKET}", 60, endpoint_url=s3.url).start())
