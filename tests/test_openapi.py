@@ -29,8 +29,8 @@ def test_document_lists_every_status_and_content_type(server):
     envelope = {"$ref": "#/components/schemas/ErrorResponse"}
     for path in ("/v1/images/generations", "/v1/generate"):
         responses = doc["paths"][path]["post"]["responses"]
-        assert set(responses) == {"200", "400", "401", "404", "413", "429", "500", "503",
-                                  "504"}
+        assert set(responses) == {"200", "400", "401", "404", "408", "413", "429", "500",
+                                  "503", "504"}
         assert "422" not in responses  # validation errors are 400s
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
         for status in set(responses) - {"200"}:
