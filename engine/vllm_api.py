@@ -95,10 +95,26 @@ def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
         threads = cpu_threads(settings)
         # The CPU build reserves a core for its scheduler; on small machines that halves speed.
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        if settings.tensor_parallel_size > 1:
+            # vLLM binds one NUMA node per rank by itself and refuses when there are fewer
+            # nodes than ranks (one node on most machines): split this process's cores.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  cpu_binding(settings.tensor_parallel_size))
         # Else vLLM drops torch to one thread in this process.
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         if in_process:
             torch.set_num_threads(threads)
+
+
+def cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's cores in equal
+    consecutive shares ("0-7|8-15"; "0|1" on two cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size {ranks} needs at least {ranks} CPU cores, "
+                         f"this process has {len(cores)}")
+    share = len(cores) // ranks
+    return "|".join(",".join(map(str, cores[r * share:(r + 1) * share])) for r in range(ranks))
 
 
 def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+@pytest.mark.parametrize("overlay", ["gpu", "cpu", "gpu-tp2"])
 def test_overlays_render_and_validate(overlay):
     from kubernetes_validate.utils import validate
 
@@ -44,14 +44,14 @@ def test_overlays_render_and_validate(overlay):
         validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+@pytest.mark.parametrize("overlay", ["gpu", "cpu", "gpu-tp2"])
 def test_deployment_is_production_shaped(overlay):
     docs = render(overlay)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     pod = deployment["spec"]["template"]["spec"]
     server = next(c for c in pod["containers"] if c["name"] == "server")
-    assert server["image"].endswith(f"-{overlay}")
+    assert server["image"].endswith(f"-{overlay.split('-')[0]}")  # gpu-tp2: the gpu image
     assert server["startupProbe"]["httpGet"]["path"] == "/ready"
     assert server["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert server["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -62,7 +62,9 @@ def test_deployment_is_production_shaped(overlay):
     assert server["securityContext"]["allowPrivilegeEscalation"] is False
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     gpus = server["resources"]["limits"].get("nvidia.com/gpu")
-    assert (gpus == "1") == (overlay == "gpu")
+    tensor_parallel = config.get("LLAMAGEN_TENSOR_PARALLEL_SIZE", "1")
+    assert gpus == {"gpu": "1", "cpu": None, "gpu-tp2": "2"}[overlay]
+    assert tensor_parallel == (gpus or "1")  # one rank per GPU
     init = pod["initContainers"][0]
     assert "llamagen convert" in init["args"][0]
     env = {e["name"]: e for e in server["env"]}
