@@ -24,7 +24,7 @@ from engine.credentials import ContentCredentials
 from engine.service import ModelService
 from model_registry.model_dir import load_model_dir
 from server.deps import AppState, dead_engine
-from server.errors import ServiceError, add_error_handlers, error_response
+from server.errors import ServiceError, add_error_handlers
 from server.image_store import open_image_store
 from server.routers import native, openai_images, ops, playground
 from server.settings import ServerSettings
@@ -103,19 +103,15 @@ class RequestContext:
             if too_big:
                 raise ServiceError.body_too_large(self.max_body_bytes)
             await self.app(scope, limited_receive, send_with_id)
-        except ServiceError as e:  # raised before the app, or by a route that never read
-            if started:
-                raise
-            await error_response(e.status, e.message, type=e.type, code=e.code,
-                                 headers=e.headers)(scope, receive, send_with_id)
-        except Exception:
-            # Here, inside this middleware, so that the 500 carries X-Request-Id too.
-            log.exception("unhandled error", extra={"request_id": request_id})
+        except Exception as e:
+            # Answered here, inside this middleware, so that even a 500 carries X-Request-Id.
+            # A ServiceError gets here when raised before the app (Content-Length too large).
+            if not isinstance(e, ServiceError):
+                log.exception("unhandled error", extra={"request_id": request_id})
             if started:  # too late for a status: the connection is closed on the client
                 raise
-            error = ServiceError.internal(request_id)
-            await error_response(error.status, error.message, type=error.type,
-                                 code=error.code)(scope, receive, send_with_id)
+            error = e if isinstance(e, ServiceError) else ServiceError.internal(request_id)
+            await error.response()(scope, receive, send_with_id)
         finally:
             if scope["path"] not in ("/metrics", "/health", "/ready"):
                 log.info("request", extra={"request_id": request_id, "method": scope["method"],

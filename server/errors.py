@@ -67,6 +67,10 @@ class ServiceError(StarletteHTTPException):
     def info(self) -> ErrorInfo:
         return ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info()).model_dump(),
+                            status_code=self.status, headers=self.headers)
+
 
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON, a wrong type or value, an unknown class, too many "
@@ -97,13 +101,6 @@ SSE_EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties
 GENERATION_ERRORS = error_responses(400, 404, 408, 413, 429, 500, 503, 504)
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -118,17 +115,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param,
-                              code=exc.code, headers=exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(400, message, param=param, code="invalid_value")
+        return ServiceError(400, message, param=param, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail),
-                              type="invalid_request_error" if exc.status_code < 500
-                              else "server_error", headers=getattr(exc, "headers", None))
+        return ServiceError(exc.status_code, str(exc.detail),
+                            type="invalid_request_error" if exc.status_code < 500
+                            else "server_error", headers=getattr(exc, "headers", None)).response()
 
