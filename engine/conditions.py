@@ -1,7 +1,8 @@
 """What an image is conditioned on, and the engine prompt it becomes.
 
 One vLLM request is one image. Its prompt is the condition: the class token (c2i) or the
-projected valid caption rows as prompt embeddings (t2i). The server, the offline generator,
+projected valid caption rows as prompt embeddings (t2i), followed, for a completion (an
+edit), by the grid's first image codes. The server, the offline generator,
 the CLI and the benchmarks all hand the engine `Condition`s.
 """
 
@@ -30,17 +31,32 @@ class Condition:
     def input_tokens(self) -> int:
         return 1 if self.embeds is None else len(self.embeds)
 
-    def prompt(self, model: ModelDir) -> Any:
+    def prompt(self, model: ModelDir, prefix: Sequence[int] = ()) -> Any:
+        """The engine prompt: the condition, then `prefix` (the grid's first image codes,
+        checked by `check_prefix`) for a completion."""
         if self.embeds is not None:
-            return embeds_prompt(self.embeds)
+            return embeds_prompt(self.embeds, model.gpt.vocab_size, prefix)
         assert self.label is not None
-        return token_prompt(class_prompt_ids(model, self.label))
+        return token_prompt(class_prompt_ids(model, self.label) + list(prefix))
 
     def describe(self, model: ModelDir) -> dict[str, Any]:
         """What an image's provenance says of its condition."""
         if self.label is None:
             return {"prompt": self.caption}
         return {"label": self.label, "class_name": model.class_names[self.label]}
+
+
+def check_prefix(model: ModelDir, prefix: Sequence[int]) -> list[int]:
+    """A completion's prefix: 0 <= P < grid² image codes, each in the codebook (ValueError
+    saying which is not)."""
+    codes, limit = model.gpt.vocab_size, model.gpt.block_size
+    if len(prefix) >= limit:
+        raise ValueError(f"a prefix holds at most {limit - 1} tokens (the grid has {limit}), "
+                         f"got {len(prefix)}")
+    for i, t in enumerate(prefix):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < codes:
+            raise ValueError(f"prefix token {i} is {t!r}, not an image code in 0..{codes - 1}")
+    return list(prefix)
 
 
 def class_prompt_ids(model: ModelDir, label: int) -> list[int]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from engine.conditions import Condition, caption_conditions, project_caption
+from engine.conditions import Condition, caption_conditions, check_prefix, project_caption
 from engine.sampling import SamplingOptions
 from engine.vllm_api import generate_offline, llm_dtype, sampling_params
 from model_registry.model_dir import ModelDir
@@ -20,18 +20,27 @@ class OfflineGenerator:
         # t2i: the caption projection runs in the engine's dtype, as the original's cap_proj.
         self.projection = (model.caption_projection(llm_dtype(llm)) if model.is_t2i else None)
 
-    def generate(self, conditions: Sequence[Condition], options: SamplingOptions
+    def generate(self, conditions: Sequence[Condition], options: SamplingOptions,
+                 prefixes: Sequence[Sequence[int]] | None = None
                  ) -> tuple[list[list[int]], list[int | None]]:
-        """Conditions -> (tokens per image in order, the seed each image used)."""
+        """Conditions -> (the token grid per image in order, the seed each image used).
+
+        `prefixes`: one per condition, the grid's first image codes to complete from (an
+        empty one generates the whole grid); the returned grids include them."""
+        prefixes = [check_prefix(self.model, p) for p in prefixes or [[]] * len(conditions)]
+        if len(prefixes) != len(conditions):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(conditions)} conditions")
         seeds = options.image_seeds(len(conditions))
-        prompts = [c.prompt(self.model) for c in conditions]
-        params = [sampling_params(self.model, options, seed) for seed in seeds]
-        tokens = generate_offline(self.llm, prompts, params)
-        for t in tokens:
-            if len(t) != self.model.gpt.block_size:
-                raise RuntimeError(f"engine returned {len(t)} tokens, expected "
+        prompts = [c.prompt(self.model, p) for c, p in zip(conditions, prefixes, strict=True)]
+        params = [sampling_params(self.model, options, seed, prefix_len=len(p))
+                  for seed, p in zip(seeds, prefixes, strict=True)]
+        grids = [p + t for p, t in zip(prefixes, generate_offline(self.llm, prompts, params),
+                                       strict=True)]
+        for grid in grids:
+            if len(grid) != self.model.gpt.block_size:
+                raise RuntimeError(f"engine returned {len(grid)} tokens, expected "
                                    f"{self.model.gpt.block_size}")
-        return tokens, seeds
+        return grids, seeds
 
     def _projection(self) -> torch.nn.Module:
         if self.projection is None:

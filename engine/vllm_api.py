@@ -174,20 +174,30 @@ def token_prompt(ids: list[int]) -> Any:
     return TokensPrompt(prompt_token_ids=ids)
 
 
-def embeds_prompt(embeds: torch.Tensor) -> Any:
-    """A t2i prompt: cap_proj of the valid caption rows, (L, dim), 1 <= L <= 120."""
+def embeds_prompt(embeds: torch.Tensor, placeholder: int, prefix: Sequence[int] = ()) -> Any:
+    """A t2i prompt: cap_proj of the valid caption rows, (L, dim), 1 <= L <= 120, then the
+    prefix's image codes (completion).
+
+    Always a mixed prompt: the caption rows are embeddings whose token ids are `placeholder`
+    (the codebook size, never an image code), so the model tells caption from prefix and
+    places both at the original's positions."""
     from vllm.inputs import EmbedsPrompt
 
     if not 1 <= len(embeds) <= T5_MAX_LENGTH:
         raise ValueError(f"a caption has 1..{T5_MAX_LENGTH} tokens, got {len(embeds)}")
+    rows = torch.cat([embeds, embeds.new_zeros(len(prefix), embeds.shape[1])])
     # The null stream's KV depends on the slots the caption occupies (120 - L ..), which the
     # embeddings alone do not say: the salt keeps prefix caching from mixing lengths.
-    return EmbedsPrompt(prompt_embeds=embeds, cache_salt=f"llamagen-caption-{len(embeds)}")
+    return EmbedsPrompt(prompt_embeds=rows,
+                        prompt_token_ids=[placeholder] * len(embeds) + list(prefix),
+                        prompt_is_token_ids=[False] * len(embeds) + [True] * len(prefix),
+                        cache_salt=f"llamagen-caption-{len(embeds)}")
 
 
 def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None, *,
-                    stream: bool = False) -> Any:
-    """vLLM SamplingParams for one image; `stream`: token deltas as they come."""
+                    stream: bool = False, prefix_len: int = 0) -> Any:
+    """vLLM SamplingParams for one image; `stream`: token deltas as they come; `prefix_len`:
+    image codes the prompt already holds (the rest of the grid is generated)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -195,7 +205,7 @@ def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None,
     top_k = options.top_k if 0 < options.top_k < codebook else 0
     return SamplingParams(
         n=1,
-        max_tokens=model.gpt.block_size,
+        max_tokens=model.gpt.block_size - prefix_len,
         ignore_eos=True,
         detokenize=False,
         temperature=0.0 if options.greedy else options.temperature,

@@ -12,7 +12,8 @@ applied to raw logits, before vLLM's temperature, top-k and top-p, as in the ori
 
 Per-request parameters travel in `SamplingParams.extra_args`: `cfg_scale` (float >= 0,
 default 1.0) and `cfg_interval` (int >= -1, default -1: guide every token; n: guide image
-tokens 0..n+1, as the original `generate()`).
+tokens 0..n+1, as the original `generate()`). A prompt that ends with P image codes (a
+completion) counts them as generated: its first new token is image token P.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class CFGLogitsProcessor(LogitsProcessor):
         # list of generated tokens (vLLM keeps it current, with placeholders when async).
         self.scale = np.ones(max_reqs, dtype=np.float32)
         self.interval = np.full(max_reqs, -1, dtype=np.int64)
+        self.prefix = np.zeros(max_reqs, dtype=np.int64)  # image codes in the prompt
         self.outputs: list[list[int] | None] = [None] * max_reqs
 
     @classmethod
@@ -66,25 +68,30 @@ class CFGLogitsProcessor(LogitsProcessor):
             return
         for index in batch_update.removed:
             self.scale[index], self.interval[index], self.outputs[index] = 1.0, -1, None
-        for index, params, _, output_ids in batch_update.added:
+            self.prefix[index] = 0
+        for index, params, prompt_ids, output_ids in batch_update.added:
             self.scale[index], self.interval[index] = guidance_args(params.extra_args)
             self.outputs[index] = output_ids
+            # Class tokens and t2i caption placeholders are >= codebook_size.
+            self.prefix[index] = sum(1 for t in prompt_ids or () if t < self.codebook_size)
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
                 self.scale[[a, b]] = self.scale[[b, a]]
                 self.interval[[a, b]] = self.interval[[b, a]]
+                self.prefix[[a, b]] = self.prefix[[b, a]]
                 self.outputs[a], self.outputs[b] = self.outputs[b], self.outputs[a]
             else:
-                self.scale[b], self.interval[b], self.outputs[b] = (
-                    self.scale[a], self.interval[a], self.outputs[a])
+                self.scale[b], self.interval[b], self.outputs[b], self.prefix[b] = (
+                    self.scale[a], self.interval[a], self.outputs[a], self.prefix[a])
                 self.scale[a], self.interval[a], self.outputs[a] = 1.0, -1, None
+                self.prefix[a] = 0
 
     def _guided_rows(self, n: int) -> np.ndarray:
         guided = self.scale[:n] > 1.0
         for i in np.flatnonzero(guided & (self.interval[:n] >= 0)):
-            # Token t (0-based) is guided while t <= cfg_interval + 1.
-            generated = len(self.outputs[i] or ())
-            guided[i] = generated <= self.interval[i] + 1
+            # Image token t (0-based) is guided while t <= cfg_interval + 1.
+            t = self.prefix[i] + len(self.outputs[i] or ())
+            guided[i] = t <= self.interval[i] + 1
         return guided
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

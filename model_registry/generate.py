@@ -67,19 +67,29 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
              emb_masks: torch.Tensor | None = None, cfg_scale: float = 1.0,
              cfg_interval: int = -1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None,
+             prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Conditions -> image tokens (B, max_new_tokens) in raster order.
+
+    `prefix` (B, P): completion. The first P image tokens are given; the condition and the
+    prefix are prefilled (both guidance rows see the same prefix at the original positions),
+    and generation continues from token P. The result holds the prefix in its first P
+    columns, so it is still (B, max_new_tokens) with max_new_tokens counting the prefix.
 
     c2i: `cond` holds class labels (B,). t2i: `cond` holds caption features (B, 120, caption_dim),
     left-padded and zeroed where `emb_masks` (B, 120) is 0; padded slots are hidden from every
     other position in both halves, as the original does.
 
     `cfg_scale <= 1` runs no unconditional rows at all. With `cfg_interval = n > -1` image tokens
-    0..n+1 are guided and the rest use the conditional logits (the null rows keep running).
+    0..n+1 are guided and the rest use the conditional logits (the null rows keep running);
+    with a prefix the count is the same, as if the prefix had been generated.
     """
     config = model.config
     max_new_tokens = max_new_tokens or config.block_size
     use_cfg = cfg_scale > 1.0
+    P = 0 if prefix is None else prefix.shape[1]
+    if not 0 <= P < max_new_tokens:
+        raise ValueError(f"a prefix holds 0..{max_new_tokens - 1} tokens, got {P}")
     if config.model_type == "c2i":
         null = torch.full_like(cond, config.null_class)
     else:
@@ -93,22 +103,23 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
         _mask_condition(model, torch.cat([emb_masks, emb_masks]) if use_cfg else emb_masks)
     try:
         seq = torch.empty(cond.shape[0], max_new_tokens, dtype=torch.long, device=device)
-        input_pos = torch.arange(0, T, device=device)
-        logits = model(None, cond_combined, input_pos)[:, -1]
-        if use_cfg:
-            logits = _guide(logits, cfg_scale, guided=True)  # the prefill is always guided
-        tok = sample(logits, temperature, top_k, top_p, greedy, generator)
-        seq[:, 0:1] = tok
-        input_pos = torch.tensor([T], device=device)
-        for i in range(max_new_tokens - 1):
-            x = torch.cat([tok, tok]) if use_cfg else tok
-            logits = model(x, None, input_pos)[:, -1]
+        logits = model(None, cond_combined, torch.arange(0, T, device=device))[:, -1]
+        if prefix is not None and P:
+            seq[:, :P] = prefix
+            x = torch.cat([prefix, prefix]) if use_cfg else prefix
+            logits = model(x, None, torch.arange(T, T + P, device=device))[:, -1]
+        input_pos = torch.tensor([T + P], device=device)
+        for t in range(P, max_new_tokens):  # t: the image token being sampled
             if use_cfg:
-                guided = not (cfg_interval > -1 and i > cfg_interval)
+                # Token 0 (the condition's prefill) is always guided.
+                guided = cfg_interval == -1 or t <= cfg_interval + 1
                 logits = _guide(logits, cfg_scale, guided)
             tok = sample(logits, temperature, top_k, top_p, greedy, generator)
-            seq[:, i + 1: i + 2] = tok
-            input_pos += 1
+            seq[:, t: t + 1] = tok
+            if t + 1 < max_new_tokens:
+                x = torch.cat([tok, tok]) if use_cfg else tok
+                logits = model(x, None, input_pos)[:, -1]
+                input_pos += 1
     finally:
         model.clear_caches()
     return seq

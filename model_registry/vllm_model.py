@@ -13,14 +13,18 @@ the 2D RoPE table is indexed by position, and its condition rows are zero (cos =
 
 c2i: the prompt is one token, `codebook_size + class_id`; the null stream uses the null class.
 
+Completion (edits): the prompt may continue with the first P image codes, fed at their own
+positions in both streams; vLLM then generates tokens P.. of the grid.
+
 t2i: the prompt is `prompt_embeds`, the projected caption (`cap_proj` of the T5 features) of the
-L valid caption tokens only; the null stream uses `cap_proj(uncond_embedding)` at the same
-slots. The original left-pads captions to 120 slots and masks the padded keys for every other
-position, in both streams. Padded slots influence nothing but themselves, so dropping them is
-exact, and it is the cheapest option: no prefill, KV cache or attention reads for padding, and
-no wider heads (the alternative, an extra head coordinate driving padded keys to -inf, costs
-every attention op a quarter more at head_dim 64). What dropping changes is the positions: the
-L caption tokens must sit at slots 120-L..119 and image token k at 120 + k. vLLM's per-request
+L valid caption tokens only (a mixed prompt: the caption rows as embeddings with a placeholder
+id, then any prefix codes as token ids); the null stream uses `cap_proj(uncond_embedding)` at
+the same slots. The original left-pads captions to 120 slots and masks the padded keys for every
+other position, in both streams. Padded slots influence nothing but themselves, so dropping them
+is exact, and it is the cheapest option: no prefill, KV cache or attention reads for padding,
+and no wider heads (the alternative, an extra head coordinate driving padded keys to -inf, costs
+every attention op a quarter more at head_dim 64). What dropping changes is the positions: the L
+caption tokens must sit at slots 120-L..119 and image token k at 120 + k. vLLM's per-request
 position mechanism (M-RoPE, `get_mrope_input_positions`) supplies exactly that: the prompt's
 positions and a per-request offset (120 - L) that vLLM adds to every generated token's position.
 The engine sees `mrope_section` in config.json for t2i models only; every position row holds the
@@ -198,13 +202,20 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
                                   ) -> tuple[torch.Tensor, int]:
         """The prompt's original positions and the offset vLLM adds to generated tokens'.
 
-        A t2i prompt holds the L valid caption tokens, which the original places at slots
-        120-L..119; image token k then sits at 120 + k = (L + k) + (120 - L)."""
-        offset = self.config.cls_token_num - len(input_tokens)
-        if offset < 0:
-            raise ValueError(f"a LlamaGen prompt has at most {self.config.cls_token_num} "
-                             f"condition tokens, got {len(input_tokens)}")
-        positions = torch.arange(offset, self.config.cls_token_num)
+        A t2i prompt holds the L valid caption rows (as embeddings, with the placeholder id
+        `codebook_size` in `input_tokens`), then any prefix image codes (completion). The
+        original places the caption at slots 120-L..119, so every prompt row and every
+        generated token sits `120 - L` after its index in the sequence."""
+        C, T = self.codebook_size, self.config.cls_token_num
+        caption = sum(1 for t in input_tokens if t >= C)
+        if caption == 0 or any(t < C for t in input_tokens[:caption]):
+            raise ValueError("a t2i LlamaGen prompt is the caption's rows, marked with the "
+                             f"placeholder id {C}, then prefix image codes")
+        if caption > T:
+            raise ValueError(f"a LlamaGen prompt has at most {T} condition tokens, got "
+                             f"{caption}")
+        offset = T - caption
+        positions = torch.arange(offset, offset + len(input_tokens))
         return positions.expand(self.position_rows, -1).clone(), offset
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

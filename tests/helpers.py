@@ -66,20 +66,38 @@ def classes(labels: list[int]) -> list[Condition]:
     return [Condition(label=label) for label in labels]
 
 
-def reference_tokens(model: ModelDir, labels: list[int], options: SamplingOptions
-                     ) -> list[list[int]]:
-    """c2i: the reference loop's greedy tokens under the options' guidance."""
+def reference_tokens(model: ModelDir, labels: list[int], options: SamplingOptions,
+                     prefix: list[list[int]] | None = None) -> list[list[int]]:
+    """c2i: the reference loop's greedy tokens under the options' guidance (with `prefix`,
+    one equal-length list per label: its completion, prefix included)."""
     return generate(model.load_reference(), torch.tensor(labels), cfg_scale=options.cfg_scale,
-                    cfg_interval=options.cfg_interval, greedy=True).tolist()
+                    cfg_interval=options.cfg_interval, greedy=True,
+                    prefix=torch.tensor(prefix) if prefix and prefix[0] else None).tolist()
 
 
-def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float
+def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float,
+                         cfg_interval: int = -1, prefix: list[list[int]] | None = None
                          ) -> list[list[int]]:
     """t2i: the reference's greedy tokens for captions' valid feature rows (left-padded and
-    masked, as the original)."""
+    masked, as the original); `prefix` as in `reference_tokens`."""
     features, masks = left_pad(valid)
     return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
-                    greedy=True).tolist()
+                    cfg_interval=cfg_interval, greedy=True,
+                    prefix=torch.tensor(prefix) if prefix and prefix[0] else None).tolist()
+
+
+def completion_cases(grid: int) -> list[tuple[int, float, int]]:
+    """(prefix length, cfg_scale, cfg_interval) the completion parity tests run: prefixes of
+    0, one row, half the grid and all but one token, guided and not, and a cfg_interval
+    that ends inside the half-grid prefix and one that ends after it."""
+    n, half = grid * grid, grid * grid // 2
+    cases = [(p, s, -1) for p in (0, grid, half, n - 1) for s in (1.0, 4.0)]
+    return [*cases, (half, 3.0, half // 4), (half, 3.0, half + grid)]
+
+
+def random_prefix(model: ModelDir, length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.gpt.vocab_size, (length,), generator=g).tolist()
 
 
 def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:

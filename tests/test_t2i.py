@@ -19,7 +19,14 @@ from model_registry.model_dir import ModelDir
 from model_registry.synthetic import save_gpt_checkpoint, save_tiny_t5
 from model_registry.text_encoder import T5_MAX_LENGTH, clean_caption, left_pad
 
-from .helpers import TINY_T2I, assert_one_line_error, reference_t2i_tokens, run_cli
+from .helpers import (
+    TINY_T2I,
+    assert_one_line_error,
+    completion_cases,
+    random_prefix,
+    reference_t2i_tokens,
+    run_cli,
+)
 
 # From one caption token (an empty caption is just </s>) to one truncated at 120.
 CAPTIONS = ["", "cat", "a red car on a street at night",
@@ -123,6 +130,28 @@ def test_engine_matches_reference_with_mixed_caption_lengths(tiny_t2i, tiny_capt
     assert tokens[2] == tokens[-1]
 
 
+def test_completion_parity_in_one_mixed_batch(tiny_t2i, tiny_t2i_engine):
+    """Captions of 1, 30 and 120 tokens, each completed from prefixes of 0, one row, half
+    and all but one token, guided or not, with a cfg_interval ending inside and after the
+    prefix: all in one submission, three running at a time, equal to the reference's."""
+    from engine.vllm_api import sampling_params
+
+    g = torch.Generator().manual_seed(5)
+    valid = [torch.randn(n, TINY_T2I["caption_dim"], generator=g) for n in (1, 30, 120)]
+    conditions = tiny_t2i_engine.caption_features(valid)
+    cases = [(c, random_prefix(tiny_t2i, p, seed=k), SamplingOptions(
+        cfg_scale=s, cfg_interval=i, greedy=True))
+        for k, (p, s, i) in enumerate(completion_cases(8)) for c in range(3)]
+    prompts = [conditions[c].prompt(tiny_t2i, prefix) for c, prefix, _ in cases]
+    params = [sampling_params(tiny_t2i, opts, None, prefix_len=len(prefix))
+              for _, prefix, opts in cases]
+    outputs = tiny_t2i_engine.llm.generate(prompts, params, use_tqdm=False)
+    for (c, prefix, opts), out in zip(cases, outputs, strict=True):
+        expected = reference_t2i_tokens(tiny_t2i, [valid[c]], opts.cfg_scale,
+                                        opts.cfg_interval, [prefix])[0]
+        assert prefix + list(out.outputs[0].token_ids) == expected, (c, len(prefix), opts)
+
+
 def test_parity_under_preemption(tiny_t2i, engine_factory):
     """Long captions and a KV cache for two of them, six running: preempted requests are
     recomputed from their prompt embeddings at the same per-request positions."""
@@ -141,6 +170,12 @@ def test_parity_under_preemption(tiny_t2i, engine_factory):
     tokens, _ = engine.generate(engine.caption_features(valid),
                                 SamplingOptions(cfg_scale=4.0, greedy=True))
     assert tokens == reference_t2i_tokens(tiny_t2i, valid, 4.0)
+    # Completions from a 20-token prefix, guidance ending at image token 31.
+    prefixes = [random_prefix(tiny_t2i, 20, seed) for seed in range(len(valid))]
+    completed, _ = engine.generate(engine.caption_features(valid),
+                                   SamplingOptions(cfg_scale=4.0, cfg_interval=30, greedy=True),
+                                   prefixes)
+    assert completed == reference_t2i_tokens(tiny_t2i, valid, 4.0, 30, prefixes)
     preemptions = sum(m.value for m in llm.get_metrics()
                       if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
     assert preemptions > 0

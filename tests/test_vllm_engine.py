@@ -11,7 +11,7 @@ from engine.sampling import SamplingOptions
 from model_registry.cfg import guidance_args
 from model_registry.plugin import CFG_PROCESSOR
 
-from .helpers import classes, reference_tokens
+from .helpers import classes, completion_cases, random_prefix, reference_tokens
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def test_parity_mixed_requests_under_continuous_batching(tiny_engine, tiny_model
 
 
 def test_parity_under_preemption(tiny_model, engine_factory):
-    """A KV cache for two whole images, six running: the scheduler preempts and recomputes."""
+    """A KV cache for two whole images, six running: the scheduler preempts and recomputes,
+    completions (prompts ending in image codes) included."""
     from vllm.v1.metrics.reader import Counter
 
     from engine.settings import EngineSettings
@@ -86,9 +87,49 @@ def test_parity_under_preemption(tiny_model, engine_factory):
     options = SamplingOptions(cfg_scale=3.0, greedy=True)
     tokens, _ = engine.generate(classes(labels), options)
     assert tokens == reference_tokens(tiny_model, labels, options)
+    # Guidance ends at image token 61, after the 48-token prefix.
+    options = SamplingOptions(cfg_scale=3.0, cfg_interval=60, greedy=True)
+    prefixes = [random_prefix(tiny_model, 48, seed) for seed in labels]
+    completed, _ = engine.generate(classes(labels), options, prefixes)
+    assert completed == reference_tokens(tiny_model, labels, options, prefixes)
     preemptions = sum(m.value for m in llm.get_metrics()
                       if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
     assert preemptions > 0
+
+
+def test_completion_parity_in_one_mixed_batch(tiny_engine, tiny_model):
+    """Completions (prefixes of 0, one row, half, all but one token; guided or not; a
+    cfg_interval ending inside and after the prefix) and plain requests, all in one
+    submission with three running at a time: each equals the reference's completion."""
+    from engine.conditions import Condition
+    from engine.vllm_api import sampling_params
+
+    cases = [(label, random_prefix(tiny_model, p, seed=label), SamplingOptions(
+        cfg_scale=s, cfg_interval=i, greedy=True))
+        for label, (p, s, i) in enumerate(completion_cases(16))]
+    prompts = [Condition(label=label % 10).prompt(tiny_model, prefix)
+               for label, prefix, _ in cases]
+    params = [sampling_params(tiny_model, opts, None, prefix_len=len(prefix))
+              for _, prefix, opts in cases]
+    outputs = tiny_engine.llm.generate(prompts, params, use_tqdm=False)
+    for (label, prefix, opts), out in zip(cases, outputs, strict=True):
+        grid = prefix + list(out.outputs[0].token_ids)
+        assert grid == reference_tokens(tiny_model, [label % 10], opts, [prefix])[0], \
+            (len(prefix), opts)
+
+
+def test_completion_keeps_the_prefix_and_checks_it(tiny_engine, tiny_model):
+    prefix = random_prefix(tiny_model, 40, seed=3)
+    options = SamplingOptions(cfg_scale=4.0, greedy=True)
+    (grid,), _ = tiny_engine.generate(classes([2]), options, [prefix])
+    assert len(grid) == 256 and grid[:40] == prefix
+    # An empty prefix is a plain generation.
+    assert tiny_engine.generate(classes([2]), options, [[]])[0] == \
+        tiny_engine.generate(classes([2]), options)[0]
+    for bad, message in [([0] * 256, "at most 255"), ([0, 256], "prefix token 1 is 256"),
+                         ([-1], "prefix token 0 is -1")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_engine.generate(classes([2]), options, [bad])
 
 
 def test_seeded_sampling_is_reproducible(tiny_engine, tiny_model):
