@@ -180,10 +180,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError("nothing to write: give --tokens-out FILE and/or --out-dir DIR")
     if args.out_dir and model.vq is None:
         raise UsageError(f"{model.path} has no VQ decoder: use --tokens-out only")
+    prefixes = read_prefixes(model, args.prefix_tokens, len(args.prompts or args.labels))
     generator = OfflineGenerator(model, build_llm(model, settings))
     conditions = (generator.captions(args.prompts) if model.is_t2i
                   else [Condition(label=label) for label in labels])
-    tokens, seeds = generator.generate(conditions, options)
+    tokens, seeds = generator.generate(conditions, options, prefixes)
     if args.tokens_out:
         Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.tokens_out).write_text(json.dumps(tokens))
@@ -196,6 +197,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
                  else {"labels": labels})
     print(json.dumps({**described, "seeds": None if all(s is None for s in seeds) else seeds,
                       "tokens_out": args.tokens_out, "images": [str(p) for p in images]}))
+
+
+def read_prefixes(model: Any, path: str | None, count: int) -> list[list[int]] | None:
+    """--prefix-tokens FILE: a JSON list of token lists, one per label or prompt."""
+    from engine.conditions import check_prefix
+
+    if path is None:
+        return None
+    try:
+        prefixes = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--prefix-tokens {path}: {e}") from None
+    if not isinstance(prefixes, list) or not all(isinstance(p, list) for p in prefixes):
+        raise UsageError(f"--prefix-tokens {path}: expected a JSON list of token lists")
+    if len(prefixes) != count:
+        raise UsageError(f"--prefix-tokens {path}: {len(prefixes)} lists for {count} images; "
+                         "give one per label or prompt")
+    try:
+        return [check_prefix(model, p) for p in prefixes]
+    except ValueError as e:
+        raise UsageError(f"--prefix-tokens {path}: {e}") from None
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -351,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory")
     p.add_argument("--labels", nargs="+", help="c2i: class ids or names, one image each")
     p.add_argument("--prompts", nargs="+", help="t2i: captions, one image each")
+    p.add_argument("--prefix-tokens", metavar="FILE", help="complete given grids: a JSON list "
+                   "of token lists (one per label or prompt), each the first image codes in "
+                   "raster order; the output grids include them")
     p.add_argument("--tokens-out", help="write the token ids (one list per image) as JSON")
     p.add_argument("--out-dir", help="write one image per label or prompt: "
                    "{index:04d}_{label}.png (c2i) or {index:04d}.png (t2i)")

@@ -38,10 +38,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, Field
 
 from model_registry.convert import software_version
-from vq_decoder.encoding import DIGITAL_SOURCE_TYPE, IMAGE_FORMATS
+from vq_decoder.encoding import DIGITAL_SOURCE_TYPE, EDITED_SOURCE_TYPE, IMAGE_FORMATS
 
 log = logging.getLogger("llamagen.credentials")
 GENERATION_ASSERTION = "org.llamagen.generation"
+INPUT = "input"  # an edit's parent ingredient
 DEV_CERT, DEV_KEY, DEV_CA = "signer-chain.pem", "signer-key.pem", "ca.pem"
 
 
@@ -194,27 +195,45 @@ class ContentCredentials:
                     "--c2pa-cert/--c2pa-key in production", chain)
         return cls.from_files(chain, key)
 
-    def manifest(self, record: dict[str, Any], title: str) -> dict[str, Any]:
+    def manifest(self, record: dict[str, Any], title: str, *, edited: bool = False
+                 ) -> dict[str, Any]:
+        agent = {"name": f"llamagen-serve/{self.version}"}
+        if edited:
+            # The input image is the parent ingredient: opened, then completed by the model.
+            actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": [INPUT]}},
+                       {"action": "c2pa.edited", "digitalSourceType": EDITED_SOURCE_TYPE,
+                        "softwareAgent": agent,
+                        "description": "token rows below the kept ones redrawn by "
+                                       "autoregressive completion"}]
+        else:
+            actions = [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
+                        "softwareAgent": agent}]
         return {
             "claim_generator_info": [{"name": "llamagen-serve", "version": self.version}],
             "title": title,
             "assertions": [
-                {"label": "c2pa.actions", "data": {"actions": [{
-                    "action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
-                    "softwareAgent": {"name": f"llamagen-serve/{self.version}"}}]}},
+                {"label": "c2pa.actions", "data": {"actions": actions}},
                 {"label": GENERATION_ASSERTION, "data": record},
             ],
         }
 
-    def sign(self, data: bytes, fmt: str, record: dict[str, Any]) -> bytes:
-        """An encoded image -> the same image with a signed C2PA manifest embedded."""
+    def sign(self, data: bytes, fmt: str, record: dict[str, Any], *,
+             ingredient: tuple[bytes, str] | None = None) -> bytes:
+        """An encoded image -> the same image with a signed C2PA manifest embedded.
+        `ingredient` (file bytes, media type): the image was edited from it (`c2pa.edited`,
+        the input a parent ingredient, carrying its own manifest if it had one)."""
         import c2pa
 
         spec = IMAGE_FORMATS[fmt]
         out = io.BytesIO()
+        manifest = self.manifest(record, f"image.{spec.extension}",
+                                 edited=ingredient is not None)
         try:
-            with self._lock, c2pa.Builder(self.manifest(record, f"image.{spec.extension}"),
-                                          self._context) as builder:
+            with self._lock, c2pa.Builder(manifest, self._context) as builder:
+                if ingredient is not None:
+                    source, media_type = ingredient
+                    builder.add_ingredient({"title": "input image", "relationship": "parentOf",
+                                            "label": INPUT}, media_type, io.BytesIO(source))
                 builder.sign(self._signer, spec.media_type, io.BytesIO(data), out)
         except Exception as e:
             raise SigningError(f"C2PA signing failed: {e}") from e

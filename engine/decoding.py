@@ -1,5 +1,6 @@
-"""The decoder service: token grids from many concurrent generations, decoded in
-micro-batches (`engine.batching`), grids of one shape together (a preview has fewer rows).
+"""The VQ tokenizer's services: token grids from many concurrent generations decoded in
+micro-batches (`engine.batching`), grids of one shape together (a preview has fewer rows);
+and, for edits, input images encoded to grids the same way.
 
 Batch-invariant mode pads every batch to `max_batch_size` grids: the convolution kernels
 pick their algorithm by batch size, so a grid decoded with one other grid and alone can
@@ -17,6 +18,7 @@ import torch
 
 from engine.batching import BatchObserver, MicroBatcher
 from vq_decoder.decoder import VQDecoder
+from vq_decoder.encoder import VQEncoder
 
 
 class DecoderService:
@@ -57,3 +59,40 @@ class DecoderService:
         codes = codes.view(-1, columns)
         (image,) = await self._batcher.submit([codes], key=tuple(codes.shape))
         return image
+
+
+class EncoderService:
+    """Edits' input images -> token grids, micro-batched on the decoder's device (padded to a
+    fixed batch like the decoder when `invariant`: a near-tie code must not depend on what
+    else is in flight)."""
+
+    def __init__(self, encoder: VQEncoder, *, max_batch_size: int = 32,
+                 max_wait_s: float = 0.005, on_batch: BatchObserver | None = None,
+                 invariant: bool = False):
+        self.encoder = encoder
+        self.max_batch_size, self.invariant = max_batch_size, invariant
+        self._batcher: MicroBatcher[torch.Tensor, torch.Tensor] = MicroBatcher(
+            self._encode, name="encoder service", max_batch_size=max_batch_size,
+            max_wait_s=max_wait_s, on_batch=on_batch)
+
+    def _encode(self, images: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        n = len(images)
+        if self.invariant:
+            images = images + [images[0]] * (self.max_batch_size - n)
+        return list(self.encoder.encode_uint8(torch.stack(images))[:n])
+
+    @property
+    def alive(self) -> bool:
+        return self._batcher.alive
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+
+    async def encode(self, pixels: np.ndarray) -> list[int]:
+        """uint8 (H, W, 3) -> the raster-order token grid."""
+        image = torch.from_numpy(np.ascontiguousarray(pixels))
+        (codes,) = await self._batcher.submit([image], key=tuple(image.shape))
+        return codes.flatten().tolist()

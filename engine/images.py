@@ -5,6 +5,7 @@ C2PA manifest (`engine.credentials`)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,25 @@ from vq_decoder.encoding import IMAGE_FORMATS, ImageFormat, encode_image, proven
 
 
 @dataclass(frozen=True)
+class EditSource:
+    """An edit's input: the uploaded file (the C2PA ingredient), its media type, and how
+    many token rows of it the result keeps."""
+
+    data: bytes
+    media_type: str
+    kept_rows: int
+    grid_rows: int
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def recorded(self) -> dict[str, Any]:
+        return {"kept_rows": self.kept_rows, "grid_rows": self.grid_rows,
+                "source_sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class ImageWriter:
     """Encodes the images of one request: its model, sampling settings and output format."""
 
@@ -30,11 +50,13 @@ class ImageWriter:
     format: ImageFormat = "png"
     compression: int | None = None
     credentials: ContentCredentials | None = None  # None: unsigned
+    edit: EditSource | None = None  # an edit's images: what they were edited from
 
     def provenance(self, condition: Condition, seed: int | None) -> dict[str, Any]:
         return provenance(model=self.model.name, checkpoint_sha256=self.model.gpt_sha256,
                           seed=seed, sampling=self.options.recorded(),
                           software=f"llamagen-serve {software_version()}",
+                          edit=None if self.edit is None else self.edit.recorded(),
                           **condition.describe(self.model))
 
     def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
@@ -44,7 +66,10 @@ class ImageWriter:
         data = encode_image(pixels, self.format, metadata=record, compression=self.compression)
         if self.credentials is None:
             return data
-        return self.credentials.sign(data, self.format, record)
+        if self.edit is None:
+            return self.credentials.sign(data, self.format, record)
+        return self.credentials.sign(data, self.format, record,
+                                     ingredient=(self.edit.data, self.edit.media_type))
 
     def save(self, tokens: Sequence[Sequence[int]], conditions: Sequence[Condition],
              seeds: Sequence[int | None], out_dir: Path, batch_size: int = 32) -> list[Path]:

@@ -25,6 +25,12 @@ DECODER_BATCH = Histogram("llamagen_decoder_batch_size", "Grids per VQ decode ba
                           buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 DECODER_SECONDS = Histogram("llamagen_decoder_seconds", "VQ decode time per batch", ["model"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+ENCODER_BATCH = Histogram("llamagen_encoder_batch_size",
+                          "Images per VQ encode batch (edits)", ["model"],
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+ENCODER_SECONDS = Histogram("llamagen_encoder_seconds", "VQ encode time per batch (edits)",
+                            ["model"],
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
 TEXT_ENCODER_BATCH = Histogram("llamagen_text_encoder_batch_size",
                                "Captions per text-encoder batch (t2i)", ["model"],
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from engine import metrics
 from engine.captions import CaptionService
 from engine.conditions import Condition
-from engine.decoding import DecoderService
+from engine.decoding import DecoderService, EncoderService
 from engine.sampling import SamplingOptions
 from engine.settings import ServiceSettings, device, has_cuda
 from engine.vllm_api import AsyncEngine, sampling_params
@@ -89,6 +89,7 @@ class ModelService:
         self.name = model.name
         self.engine: AsyncEngine | None = None
         self.decoder: DecoderService | None = None
+        self.encoder: EncoderService | None = None
         self.captions: CaptionService | None = None
         self.in_flight = 0  # images admitted and not finished
         self.last_progress = time.monotonic()
@@ -117,6 +118,14 @@ class ModelService:
             cpu_threads=None if has_cuda() else threads, on_batch=self._observe_decode,
             invariant=self.settings.decoder_batch_invariant)
         await self.decoder.start()
+        # Edits: the VQ encoder, strictly from the model directory's weights, on the
+        # decoder's device.
+        self.encoder = EncoderService(
+            self.model.vq_encoder(device=decoder.device), max_batch_size=batch,
+            max_wait_s=self.settings.decoder_max_wait_ms / 1000,
+            on_batch=self._observe_image_encode,
+            invariant=self.settings.decoder_batch_invariant)
+        await self.encoder.start()
         if self.model.is_t2i:
             # The projection runs in the engine's dtype, as the original runs cap_proj.
             self.captions = CaptionService(
@@ -132,12 +141,18 @@ class ModelService:
             await self.captions.stop()
         if self.decoder is not None:
             await self.decoder.stop()
+        if self.encoder is not None:
+            await self.encoder.stop()
         if self.engine is not None:
             self.engine.shutdown()
 
     def _observe_decode(self, batch: int, seconds: float) -> None:
         metrics.DECODER_BATCH.labels(self.name).observe(batch)
         metrics.DECODER_SECONDS.labels(self.name).observe(seconds)
+
+    def _observe_image_encode(self, batch: int, seconds: float) -> None:
+        metrics.ENCODER_BATCH.labels(self.name).observe(batch)
+        metrics.ENCODER_SECONDS.labels(self.name).observe(seconds)
 
     def _observe_encode(self, batch: int, seconds: float) -> None:
         metrics.TEXT_ENCODER_BATCH.labels(self.name).observe(batch)
@@ -148,6 +163,11 @@ class ModelService:
         assert self.captions is not None
         return await self.captions.encode(texts)
 
+    async def encode_image(self, pixels: np.ndarray) -> list[int]:
+        """Edits: a model-sized uint8 (H, W, 3) image -> its token grid (raster order)."""
+        assert self.encoder is not None
+        return await self.encoder.encode(pixels)
+
     async def check_health(self) -> str | None:
         """None when healthy, else why not."""
         if self.engine is None:
@@ -155,7 +175,7 @@ class ModelService:
         problem = await self.engine.health()
         if problem is not None:
             return problem
-        for worker in (self.decoder, self.captions):
+        for worker in (self.decoder, self.encoder, self.captions):
             if worker is not None and not worker.alive:
                 return f"{type(worker).__name__} worker is not running"
         stalled = time.monotonic() - self.last_progress
@@ -186,18 +206,23 @@ class ModelService:
         metrics.QUEUE_DEPTH.labels(self.name).set(self.in_flight)
 
     async def generate(self, conditions: list[Condition], options: SamplingOptions, *,
-                       partial_images: int = 0, request_id: str | None = None,
-                       deadline: float | None = None) -> AsyncIterator[Preview | Finished]:
+                       prefixes: Sequence[Sequence[int]] | None = None,
+                       partial_images: int = 0,
+                       request_id: str | None = None, deadline: float | None = None
+                       ) -> AsyncIterator[Preview | Finished]:
         """One image per condition, run concurrently; yields previews and finished images as
-        they come. Closing the iterator (or cancelling its consumer) aborts what is
-        unfinished, and so does passing `deadline` (time.monotonic()), with TimeoutError.
-        EngineDead when the engine core is gone."""
+        they come. `prefixes`: per condition, the grid's first image codes to complete (edits;
+        checked by the caller with `check_prefix`). Closing the iterator (or cancelling
+        its consumer) aborts what is unfinished, and so does passing `deadline`
+        (time.monotonic()), with TimeoutError. EngineDead when the engine core is gone."""
         request_id = request_id or uuid.uuid4().hex
         seeds = options.image_seeds(len(conditions))
+        prefixes = prefixes or [()] * len(conditions)
         events: asyncio.Queue[Preview | Finished | BaseException] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._image(i, condition, seed, options, partial_images,
-                                                 f"{request_id}-{i}", events))
-                 for i, (condition, seed) in enumerate(zip(conditions, seeds, strict=True))]
+        tasks = [asyncio.create_task(self._image(i, condition, list(prefix), seed, options,
+                                                 partial_images, f"{request_id}-{i}", events))
+                 for i, (condition, prefix, seed)
+                 in enumerate(zip(conditions, prefixes, seeds, strict=True))]
         try:
             for _ in range(len(conditions) * (partial_images + 1)):
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -212,16 +237,18 @@ class ModelService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _image(self, index: int, condition: Condition, seed: int | None,
-                     options: SamplingOptions, partial_images: int, vllm_id: str,
-                     events: asyncio.Queue[Preview | Finished | BaseException]) -> None:
+    async def _image(self, index: int, condition: Condition, prefix: list[int],
+                     seed: int | None, options: SamplingOptions, partial_images: int,
+                     vllm_id: str, events: asyncio.Queue[Preview | Finished | BaseException]
+                     ) -> None:
         assert self.decoder is not None and self.engine is not None
         grid = self.model.grid_size
         start = time.monotonic()
-        params = sampling_params(self.model, options, seed, stream=True)
-        prompt = condition.prompt(self.model)
+        params = sampling_params(self.model, options, seed, stream=True,
+                                 prefix_len=len(prefix))
+        prompt = condition.prompt(self.model, prefix)
         pending_previews = preview_rows(grid, partial_images)
-        tokens: list[int] = []
+        tokens: list[int] = list(prefix)
         finished = False
         try:
             async for new_tokens, done in self.engine.generate(prompt, params, vllm_id):
@@ -247,7 +274,7 @@ class ModelService:
         except asyncio.CancelledError:
             if not finished:
                 metrics.ABORTED.labels(self.name).inc()
-                log.info("aborted %s after %d tokens", vllm_id, len(tokens))
+                log.info("aborted %s after %d tokens", vllm_id, len(tokens) - len(prefix))
             raise
         except Exception as e:
             if not finished:

@@ -31,6 +31,7 @@ from model_registry.configs import GPTConfig
 from model_registry.gpt import MLP, Transformer, precompute_freqs_cis_2d
 from model_registry.text_encoder import TextEncoder
 from vq_decoder.decoder import VQDecoder
+from vq_decoder.encoder import VQEncoder
 from vq_decoder.vq_model import VQConfig, VQModel
 
 CONFIG_FILE = "config.json"
@@ -180,6 +181,15 @@ class ModelDir:
         """The serving decoder (kwargs: device, dtype, compile, channels_last)."""
         assert self.vq is not None
         return VQDecoder(self.vq, self._checked_vq_state_dict(), **kwargs)
+
+    def vq_encoder(self, **kwargs: Any) -> VQEncoder:
+        """The encode half (kwargs: device), strictly from the directory's VQ weights."""
+        return VQEncoder(self._vq_config(), self._checked_vq_state_dict(), **kwargs)
+
+    def _vq_config(self) -> VQConfig:
+        if self.vq is None:
+            raise CheckpointError(f"model directory {self.path} has no VQ tokenizer")
+        return self.vq
 
     def _checked_vq_state_dict(self) -> dict[str, torch.Tensor]:
         if self.vq is None:

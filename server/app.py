@@ -27,6 +27,7 @@ from server.deps import AppState, dead_engine
 from server.errors import ServiceError, add_error_handlers
 from server.image_store import open_image_store
 from server.routers import native, openai_images, ops, playground
+from server.routers.openai_images import EDITS_PATH
 from server.settings import ServerSettings
 
 log = logging.getLogger("llamagen.server")
@@ -57,8 +58,11 @@ def configure_logging(level: str) -> None:
 class RequestContext:
     """X-Request-Id in and out, a body-size cap, and one access log line per request."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float,
+                 upload_paths: dict[str, int] | None = None):
+        """upload_paths: routes that take file uploads, with their own body limits."""
         self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
+        self.upload_paths = upload_paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,8 +83,9 @@ class RequestContext:
                 message["headers"] = [*raw, (b"x-request-id", request_id.encode())]
             await send(message)
 
+        limit = self.upload_paths.get(scope["path"], self.max_body_bytes)
         length = headers.get("content-length", "")
-        too_big = length.isdigit() and int(length) > self.max_body_bytes
+        too_big = length.isdigit() and int(length) > limit
         received, body_done = 0, False
 
         async def limited_receive() -> Message:
@@ -95,13 +100,13 @@ class RequestContext:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if received > self.max_body_bytes:
-                    raise ServiceError.body_too_large(self.max_body_bytes)
+                if received > limit:
+                    raise ServiceError.body_too_large(limit)
             return message
 
         try:
             if too_big:
-                raise ServiceError.body_too_large(self.max_body_bytes)
+                raise ServiceError.body_too_large(limit)
             await self.app(scope, limited_receive, send_with_id)
         except Exception as e:
             # Answered here, inside this middleware, so that even a 500 carries X-Request-Id.
@@ -186,8 +191,12 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
     app.include_router(ops.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")
+    # An edit carries an image and a mask: the route's files are checked one by one
+    # (--max-upload-bytes each, a 400), the body as a whole here.
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s,
+                       upload_paths={EDITS_PATH: 2 * settings.max_upload_bytes
+                                     + settings.max_body_bytes})
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document without its 422s: validation errors are 400s here, documented

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import Depends, Request
+from starlette.datastructures import FormData
 
 from engine.credentials import ContentCredentials
 from engine.service import ModelService
@@ -98,3 +99,15 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.gather(task, return_exceptions=True)
         raise ServiceError(499, "client disconnected", code="client_closed_request")
     return task.result()
+
+
+async def read_form(request: Request) -> FormData:
+    """A multipart/form-data body (a 400 for anything else or a malformed one)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        given = kind or "no content type"
+        raise ServiceError(400, f"send the request as multipart/form-data, not {given}",
+                           code="invalid_content_type")
+    # A few named fields and at most two files (image, mask); Starlette answers a malformed
+    # body with a 400, which the error handlers put in the envelope.
+    return await request.form(max_files=2, max_fields=64)

@@ -52,6 +52,44 @@ class ImageGenerationRequest(OpenAISampling):  # type: ignore[misc, valid-type]
         return v
 
 
+class ImageEditRequest(OpenAISampling):  # type: ignore[misc, valid-type]
+    """POST /v1/images/edits, the multipart form's text fields (the files, `image` and
+    `mask`, travel beside them). Form values arrive as text, so numbers and booleans are
+    parsed from it ("4.5", "true"); unknown fields are refused.
+
+    The edit is a completion: the input image's token rows above the redrawn region are kept
+    and the rest is generated, conditioned on `prompt` (a class id or name for
+    class-conditional models, a caption for text-conditional ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str = "auto"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3)
+    keep_rows: int | None = Field(None, ge=0, description="extension: token rows of the input "
+                                  "image kept from the top (the rest is redrawn); without a "
+                                  "mask the default is half the grid; not with `mask`")
+    # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    input_fidelity: Literal["high", "low"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
 class ImageTokensDetails(BaseModel):
     image_tokens: int = 0
     text_tokens: int = 0
@@ -73,6 +111,8 @@ class Image(BaseModel):
     # Extensions: what regenerates this exact image.
     seed: int | None = None
     class_label: int | None = None
+    kept_rows: int | None = Field(None, description="edits: token rows of the input image "
+                                  "kept from the top (the rest was redrawn)")
 
 
 class ImagesResponse(BaseModel):
@@ -108,6 +148,15 @@ class CompletedEvent(_ImageEvent):
     seed: int | None = None
     class_label: int | None = None
     revised_prompt: str | None = None
+
+
+class EditPartialImageEvent(PartialImageEvent):
+    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"  # type: ignore[assignment]
+
+
+class EditCompletedEvent(CompletedEvent):
+    type: Literal["image_edit.completed"] = "image_edit.completed"  # type: ignore[assignment]
+    kept_rows: int = Field(description="extension: token rows of the input image kept")
 
 
 class ModelCard(BaseModel):
@@ -159,6 +208,10 @@ class NativeGenerateRequest(NativeSampling):  # type: ignore[misc, valid-type]
     model: str | None = None
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
+    prefix_tokens: list[list[int]] | None = Field(
+        None, description="completion: per image (one list per label or prompt), the grid's "
+        "first image codes in raster order, kept as they are; the rest is generated "
+        "(0 <= length < grid², codes in the codebook)")
     return_tokens: bool = False
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=3)

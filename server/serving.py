@@ -11,16 +11,19 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from fastapi import Request
+from PIL.Image import Image as PILImage
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
+from starlette.datastructures import FormData, UploadFile
 
-from engine.conditions import Condition
+from engine.conditions import Condition, check_prefix
 from engine.credentials import SigningError
-from engine.images import ImageWriter
+from engine.images import EditSource, ImageWriter
 from engine.sampling import SamplingOptions, SamplingOverrides
 from engine.service import Finished, Preview, QueueFull, Reservation
 from engine.vllm_api import EngineDead
@@ -30,7 +33,10 @@ from server.errors import ServiceError
 from server.image_store import StoreUnavailable
 from server.protocol import (
     CompletedEvent,
+    EditCompletedEvent,
+    EditPartialImageEvent,
     Image,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
     ImageTokensDetails,
@@ -41,6 +47,7 @@ from server.protocol import (
     PartialImageEvent,
     Usage,
 )
+from vq_decoder.inputs import ImageInputError, fit_image, mask_redrawn, read_image
 
 T = TypeVar("T")
 log = logging.getLogger("llamagen.server")
@@ -119,12 +126,14 @@ class ServingRequest:
 
     # ---- generation and images ----
 
-    async def generate(self, conditions: list[Condition], partial_images: int = 0
+    async def generate(self, conditions: list[Condition], partial_images: int = 0,
+                       prefixes: list[list[int]] | None = None
                        ) -> AsyncIterator[Preview | Finished]:
         """The service's events, within the request's deadline; a dead engine is a 503 and a
         passed deadline a 504 (its vLLM requests aborted either way)."""
         timeout = self.state.settings.request_timeout_s
-        events = self.service.generate(conditions, self.options, partial_images=partial_images,
+        events = self.service.generate(conditions, self.options, prefixes=prefixes,
+                                       partial_images=partial_images,
                                        request_id=self.request_id,
                                        deadline=self.started + timeout)
         try:
@@ -225,51 +234,73 @@ class ServingImages(ServingRequest):
     """POST /v1/images/generations: n images of one prompt, in OpenAI's shapes."""
 
     endpoint = "images.generations"
+    partial_event: ClassVar[type[PartialImageEvent]] = PartialImageEvent
+    completed_event: ClassVar[type[CompletedEvent]] = CompletedEvent
 
     async def create(self, body: ImageGenerationRequest
                      ) -> ImagesResponse | EventSourceResponse:
         self.check_count(body.n, "n")
-        if body.size not in ("auto", self.service.size):
-            raise ServiceError(400, f"size {body.size!r} is not supported by "
-                               f"{self.service.name}; supported sizes: 'auto', "
-                               f"{self.service.size!r}", param="size", code="unsupported_size")
+        self.check_size(body.size)
         self.configure(body, body.output_format, body.output_compression)
         # One prompt for all n images: resolved or encoded once.
         (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
-        conditions = [condition] * body.n
-        if body.stream:
-            return self.stream(self._events(body, condition))
-        data = await self.collect(self._images(body, condition))
-        return ImagesResponse(created=self.created, data=data, output_format=body.output_format,
-                              size=self.service.size, usage=self.usage(conditions))
+        return await self.respond(body, condition)
 
-    async def _events(self, body: ImageGenerationRequest, condition: Condition
+    def check_size(self, size: str) -> None:
+        if size not in ("auto", self.service.size):
+            raise ServiceError(400, f"size {size!r} is not supported by "
+                               f"{self.service.name}; supported sizes: 'auto', "
+                               f"{self.service.size!r}", param="size", code="unsupported_size")
+
+    async def respond(self, body: ImageGenerationRequest | ImageEditRequest,
+                      condition: Condition, prefix: list[int] | None = None,
+                      found: dict[str, Any] | None = None
+                      ) -> ImagesResponse | EventSourceResponse:
+        """Generate body.n images of `condition` (completing `prefix`, for an edit), stream
+        them or answer them all at once; `found`: extension fields every image carries."""
+        found = found or {}
+        if body.stream:
+            return self.stream(self._events(body, condition, prefix, found))
+        data = await self.collect(self._images(body, condition, prefix, found))
+        return ImagesResponse(created=self.created, data=data, output_format=body.output_format,
+                              size=self.service.size, usage=self.usage([condition] * body.n))
+
+    def _generate(self, body: ImageGenerationRequest | ImageEditRequest, condition: Condition,
+                  prefix: list[int] | None, partial_images: int = 0
+                  ) -> AsyncIterator[Preview | Finished]:
+        prefixes = None if prefix is None else [prefix] * body.n
+        return self.generate([condition] * body.n, partial_images, prefixes)
+
+    async def _events(self, body: ImageGenerationRequest | ImageEditRequest,
+                      condition: Condition, prefix: list[int] | None, found: dict[str, Any]
                       ) -> AsyncIterator[dict[str, str]]:
         common = dict(size=self.service.size, output_format=body.output_format)
-        async for event in self.generate([condition] * body.n, body.partial_images):
+        async for event in self._generate(body, condition, prefix, body.partial_images):
             if isinstance(event, Finished):
-                yield sse(CompletedEvent(
+                yield sse(self.completed_event(
                     b64_json=await self.b64(event.pixels, condition, event.seed),
                     created_at=int(time.time()), usage=self.usage([condition]),
                     image_index=event.index, seed=event.seed, class_label=condition.label,
-                    revised_prompt=condition.caption, **common))
+                    revised_prompt=condition.caption, **common, **found))
             else:
-                yield sse(PartialImageEvent(
+                yield sse(self.partial_event(
                     b64_json=await self.b64(event.pixels, condition, None),
                     partial_image_index=event.partial_index, created_at=int(time.time()),
                     image_index=event.index, **common))
 
-    async def _images(self, body: ImageGenerationRequest, condition: Condition) -> list[Image]:
+    async def _images(self, body: ImageGenerationRequest | ImageEditRequest,
+                      condition: Condition, prefix: list[int] | None, found: dict[str, Any]
+                      ) -> list[Image]:
         images: list[Image | None] = [None] * body.n
-        async for event in self.generate([condition] * body.n):
+        async for event in self._generate(body, condition, prefix):
             assert isinstance(event, Finished)
-            found = dict(seed=event.seed, class_label=condition.label,
-                         revised_prompt=condition.caption)
+            fields = dict(seed=event.seed, class_label=condition.label,
+                          revised_prompt=condition.caption, **found)
             if body.response_format == "url":
-                images[event.index] = Image(url=await self._store(event, condition), **found)
+                images[event.index] = Image(url=await self._store(event, condition), **fields)
             else:
                 images[event.index] = Image(
-                    b64_json=await self.b64(event.pixels, condition, event.seed), **found)
+                    b64_json=await self.b64(event.pixels, condition, event.seed), **fields)
         return [img for img in images if img is not None]
 
     async def _store(self, event: Finished, condition: Condition) -> str:
@@ -284,6 +315,118 @@ class ServingImages(ServingRequest):
         return f"{base.rstrip('/')}/v1/images/files/{name}"
 
 
+class ServingEdits(ServingImages):
+    """POST /v1/images/edits (multipart): complete an input image. Its token rows above the
+    first row the mask marks (or `keep_rows`, default half the grid) are kept as the prompt's
+    prefix; the rest is redrawn under the prompt's condition. Every input is checked before
+    anything is admitted or computed."""
+
+    endpoint = "images.edits"
+    partial_event = EditPartialImageEvent
+    completed_event = EditCompletedEvent
+
+    async def create_from_form(self, form: FormData) -> ImagesResponse | EventSourceResponse:
+        fields, files = self._split(form)
+        body = self._body(fields)
+        self.check_count(body.n, "n")
+        self.check_size(body.size)
+        image_file = files.get("image")
+        if image_file is None:
+            raise ServiceError(400, "image: an image file is required", param="image",
+                               code="missing_image")
+        data, image, media_type = await self._read(image_file, "image")
+        size, grid = self.model.image_size, self.model.grid_size
+        if "mask" in files:
+            if body.keep_rows is not None:
+                raise ServiceError(400, "keep_rows: give a mask or keep_rows, not both",
+                                   param="keep_rows", code="invalid_value")
+            _, mask, _ = await self._read(files["mask"], "mask")
+            if mask.size != image.size:
+                raise ServiceError(400, f"mask: it is {mask.width}x{mask.height}, the image "
+                                   f"{image.width}x{image.height}; they must match",
+                                   param="mask", code="invalid_mask")
+            keep_rows = self._rows_above_mask(mask, size, grid)
+        else:
+            keep_rows = grid // 2 if body.keep_rows is None else body.keep_rows
+            if keep_rows >= grid:
+                raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
+                                   "rows; at least one is redrawn)", param="keep_rows",
+                                   code="invalid_value")
+        pixels = fit_image(image, size)
+        self.configure(body, body.output_format, body.output_compression)
+        self.writer = replace(self.writer, edit=EditSource(data, media_type, keep_rows, grid))
+        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
+        try:
+            codes = await self.service.encode_image(pixels)
+        except BaseException:
+            if self.reservation is not None:
+                self.reservation.release()
+            raise
+        return await self.respond(body, condition, codes[: keep_rows * grid],
+                                  {"kept_rows": keep_rows})
+
+    @staticmethod
+    def _split(form: FormData) -> tuple[dict[str, str], dict[str, UploadFile]]:
+        fields: dict[str, str] = {}
+        files: dict[str, UploadFile] = {}
+        for key, value in form.multi_items():
+            name = "image" if key == "image[]" else key
+            if isinstance(value, UploadFile):
+                if name not in ("image", "mask"):
+                    raise ServiceError(400, f"{key}: a file where text was expected",
+                                       param=key, code="invalid_value")
+                if name in files:
+                    raise ServiceError(400, f"{key}: one {name} per edit (a LlamaGen edit "
+                                       "completes one input image)", param=key,
+                                       code="invalid_value")
+                files[name] = value
+            else:
+                if name in ("image", "mask"):
+                    raise ServiceError(400, f"{key}: must be a file upload", param=key,
+                                       code="invalid_value")
+                if name in fields:
+                    raise ServiceError(400, f"{key}: given twice", param=key,
+                                       code="invalid_value")
+                fields[name] = value
+        return fields, files
+
+    @staticmethod
+    def _body(fields: dict[str, str]) -> ImageEditRequest:
+        try:
+            return ImageEditRequest.model_validate(fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            message = f"{param}: {err['msg']}" if param else err["msg"]
+            raise ServiceError(400, message, param=param, code="invalid_value") from None
+
+    async def _read(self, upload: UploadFile, param: str) -> tuple[bytes, PILImage, str]:
+        """An uploaded file -> (its bytes, the decoded image, its media type), or a 400."""
+        limit = self.state.settings.max_upload_bytes
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise ServiceError(400, f"{param}: the file exceeds {limit} bytes", param=param,
+                               code="image_too_large")
+        try:
+            image, spec = await asyncio.to_thread(
+                read_image, data, max_pixels=self.state.settings.max_upload_pixels)
+        except ImageInputError as e:
+            raise ServiceError(400, f"{param}: {e}", param=param, code="invalid_image") from None
+        return data, image, spec.media_type
+
+    @staticmethod
+    def _rows_above_mask(mask: PILImage, size: int, grid: int) -> int:
+        try:
+            redrawn = mask_redrawn(mask, size)
+        except ImageInputError as e:
+            raise ServiceError(400, f"mask: {e}", param="mask", code="invalid_mask") from None
+        rows = np.flatnonzero(redrawn.any(axis=1))
+        if rows.size == 0:
+            raise ServiceError(400, "mask: no fully transparent pixel, so nothing to redraw",
+                               param="mask", code="invalid_mask")
+        return int(rows[0]) // (size // grid)
+
+
 class ServingNative(ServingRequest):
     """POST /v1/generate: one image per label (c2i) or prompt (t2i), with token ids."""
 
@@ -296,17 +439,34 @@ class ServingNative(ServingRequest):
         self.check_task(body.prompts is not None, param)
         self.configure(body, body.output_format, body.output_compression)
         texts: list[int | str] = list(body.prompts or body.labels or [])  # exactly one given
+        prefixes = self._prefixes(body, param)
         conditions = await self.admit(texts, body.count, param)
         if body.stream:
-            return self.stream(self._events(body, conditions))
-        images = await self.collect(self._images(body, conditions))
+            return self.stream(self._events(body, conditions, prefixes))
+        images = await self.collect(self._images(body, conditions, prefixes))
         return NativeGenerateResponse(id=self.request_id, created=self.created,
                                       model=self.service.name, size=self.service.size,
                                       output_format=body.output_format, images=images)
 
-    async def _events(self, body: NativeGenerateRequest, conditions: list[Condition]
-                      ) -> AsyncIterator[dict[str, str]]:
-        async for event in self.generate(conditions, body.partial_images):
+    def _prefixes(self, body: NativeGenerateRequest, param: str) -> list[list[int]] | None:
+        if body.prefix_tokens is None:
+            return None
+        if len(body.prefix_tokens) != body.count:
+            raise ServiceError(400, f"prefix_tokens: {len(body.prefix_tokens)} lists for "
+                               f"{body.count} {param}; give one per image", param="prefix_tokens",
+                               code="invalid_prefix")
+        prefixes = []
+        for i, prefix in enumerate(body.prefix_tokens):
+            try:
+                prefixes.append(check_prefix(self.model, prefix))
+            except ValueError as e:
+                raise ServiceError(400, f"prefix_tokens.{i}: {e}", param=f"prefix_tokens.{i}",
+                                   code="invalid_prefix") from None
+        return prefixes
+
+    async def _events(self, body: NativeGenerateRequest, conditions: list[Condition],
+                      prefixes: list[list[int]] | None) -> AsyncIterator[dict[str, str]]:
+        async for event in self.generate(conditions, body.partial_images, prefixes):
             if isinstance(event, Preview):
                 b64 = await self.b64(event.pixels, conditions[event.index], None)
                 yield sse({"type": "partial_image", "image_index": event.index,
@@ -316,9 +476,10 @@ class ServingNative(ServingRequest):
                 yield sse({"type": "image", **image.model_dump(exclude_none=True)})
         yield sse({"type": "done", "id": self.request_id, "model": self.service.name})
 
-    async def _images(self, body: NativeGenerateRequest, conditions: list[Condition]
-                      ) -> list[NativeImage]:
-        images = [await self._image(body, event) async for event in self.generate(conditions)
+    async def _images(self, body: NativeGenerateRequest, conditions: list[Condition],
+                      prefixes: list[list[int]] | None) -> list[NativeImage]:
+        images = [await self._image(body, event)
+                  async for event in self.generate(conditions, prefixes=prefixes)
                   if isinstance(event, Finished)]
         return sorted(images, key=lambda image: image.index)
 

@@ -28,6 +28,12 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
                                       "on every /v1 route")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
+    max_upload_bytes: int = Field(16 << 20, ge=1024, description="largest image or mask file "
+                                  "an edit accepts (the edits route's body may hold two, plus "
+                                  "its fields)")
+    max_upload_pixels: int = Field(64_000_000, ge=1, description="largest image or mask an "
+                                   "edit decodes, in pixels (a guard against decompression "
+                                   "bombs)")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request "
                                     "headers are not complete within this is closed")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not received "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import signal
@@ -17,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from vq_decoder.encoding import DIGITAL_SOURCE_TYPE, read_metadata
+from vq_decoder.encoding import DIGITAL_SOURCE_TYPE, EDITED_SOURCE_TYPE, read_metadata
 
 from .helpers import (
     API_KEY,
@@ -54,6 +55,7 @@ def server(served_model, tmp_path_factory):
     with ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
                        "--max-num-seqs", "8", "--max-queued-images", "12",
                        "--max-body-bytes", "4096", "--drain-timeout-s", "60",
+                       "--max-upload-bytes", "200000",
                        "--decoder-max-batch", "4") as proc:
         yield proc
 
@@ -361,6 +363,162 @@ def test_dropped_client_is_aborted_in_vllm(server):
     else:
         pytest.fail(f"not aborted: {samples}")
     assert metric(samples, "vllm:kv_cache_usage_perc") == 0  # KV blocks freed
+
+
+# ---- edits: completion of an input image ----
+
+def png_bytes(pixels: np.ndarray, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def mask_from_row(width: int, height: int, first_y: int) -> bytes:
+    """RGBA: opaque above `first_y`, fully transparent from it down."""
+    alpha = np.full((height, width), 255, np.uint8)
+    alpha[first_y:] = 0
+    rgba = np.dstack([np.zeros((height, width, 3), np.uint8), alpha])
+    return png_bytes(rgba, "RGBA")
+
+
+def input_codes(served_model, pixels: np.ndarray) -> list[int]:
+    """What the server's encoder makes of a model-sized image (in its batch of 4)."""
+    import torch
+
+    encoder = served_model.vq_encoder(device="cpu")
+    batch = torch.from_numpy(pixels.copy())[None].repeat(4, 1, 1, 1)
+    return encoder.encode_uint8(batch)[0].flatten().tolist()
+
+
+@pytest.fixture(scope="module")
+def source_image(server) -> tuple[bytes, np.ndarray]:
+    """An image this server generated (PNG bytes, pixels): what users edit most."""
+    body = {"labels": ["yellow star"], "seed": 21}
+    image = httpx.post(f"{server.url}/v1/generate", json=body, headers=AUTH,
+                       timeout=120).json()["images"][0]
+    data = base64.b64decode(image["b64_json"])
+    return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_openai_client_edit_is_the_completion_of_the_encoded_image(client, server,
+                                                                   served_model, source_image):
+    """An edit keeps the input's encoded top rows and completes the rest: greedy, it equals
+    the native completion from the encoder's codes; its provenance says what was kept."""
+    data, pixels = source_image
+    result = client.images.edit(image=("star.png", data, "image/png"), prompt="blue square",
+                                extra_body={"keep_rows": 6, "temperature": 0})
+    (edited,) = result.data
+    assert edited.model_extra["kept_rows"] == 6 and result.size == "256x256"
+    prefix = input_codes(served_model, pixels)[: 6 * 16]
+    native = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120, json={
+        "labels": ["blue square"], "prefix_tokens": [prefix], "greedy": True,
+        "return_tokens": True}).json()["images"][0]
+    assert native["tokens"][: 6 * 16] == prefix
+    image, edited_data = decode_b64(edited.b64_json)
+    assert_pixels_close(np.asarray(image), np.asarray(decode_b64(native["b64_json"])[0]))
+    meta = read_metadata(edited_data)
+    assert meta["edit"] == {"kept_rows": 6, "grid_rows": 16,
+                            "source_sha256": hashlib.sha256(data).hexdigest()}
+    assert meta["xmp_digital_source_type"] == EDITED_SOURCE_TYPE
+    # Signed as an edit: c2pa.opened the input (a parent ingredient, itself signed by this
+    # server), then c2pa.edited.
+    state, manifest = read_credentials(edited_data, "png")
+    assert state == "Valid"
+    (actions,) = [a["data"]["actions"] for a in manifest["assertions"]
+                  if a["label"].startswith("c2pa.actions")]
+    assert [a["action"] for a in actions] == ["c2pa.opened", "c2pa.edited"]
+    assert actions[1]["digitalSourceType"] == EDITED_SOURCE_TYPE
+    (ingredient,) = manifest["ingredients"]
+    assert ingredient["relationship"] == "parentOf" and "active_manifest" in ingredient
+
+
+def test_edit_mask_sets_the_kept_rows_and_other_sizes_are_fitted(client):
+    """A 320x200 JPEG and its mask, transparent from y = 150 down: fitted by the centre-crop
+    rule (scaled to 256 high: y 150 -> 192, token row 12)."""
+    rng = np.random.default_rng(0)
+    photo = png_bytes(rng.integers(0, 255, (200, 320, 3), dtype=np.uint8), fmt="JPEG")
+    result = client.images.edit(image=("photo.jpg", photo, "image/jpeg"),
+                                mask=("mask.png", mask_from_row(320, 200, 150), "image/png"),
+                                prompt="3", output_format="webp", extra_body={"seed": 4})
+    assert result.data[0].model_extra["kept_rows"] == 12
+    image, data = decode_b64(result.data[0].b64_json)
+    assert image.size == (256, 256) and image.format == "WEBP"
+    assert read_metadata(data)["edit"]["kept_rows"] == 12
+
+
+def test_openai_client_edit_streams_edit_events(client, source_image):
+    stream = client.images.edit(image=("star.png", source_image[0], "image/png"), prompt="4",
+                                stream=True, partial_images=2, extra_body={"seed": 8})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + [
+        "image_edit.completed"]
+    assert events[-1].model_extra["kept_rows"] == 8  # the default: half the grid
+    for e in events:
+        assert decode_b64(e.b64_json)[0].size == (256, 256)
+
+
+def test_edits_count_their_encoder_time(server):
+    samples = server.metrics()
+    assert metric(samples, "llamagen_encoder_seconds_count", model="shapes") > 0
+    assert metric(samples, "llamagen_encoder_batch_size_count", model="shapes") > 0
+
+
+def _edit(server, files: dict, data: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60, files=files,
+                      data={"prompt": "1", **(data or {})})
+
+
+def test_bad_edits_get_a_400_that_says_why_and_nothing_runs(server, source_image):
+    png = source_image[0]
+    big = png_bytes(np.random.default_rng(1).integers(0, 255, (300, 300, 3), np.uint8))
+    gif = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(gif, "GIF")
+    opaque_mask = png_bytes(np.zeros((256, 256, 4), np.uint8) + 255, "RGBA")
+    cases = [
+        ({"image": ("a.txt", b"not an image at all", "text/plain")}, {}, "image",
+         "not a readable image"),
+        ({"image": ("a.gif", gif.getvalue(), "image/gif")}, {}, "image", "unsupported image"),
+        ({"image": ("big.png", big, "image/png")}, {}, "image", "exceeds 200000 bytes"),
+        ({"image": ("a.png", png, "image/png"),
+          "mask": ("m.png", mask_from_row(128, 128, 10), "image/png")}, {}, "mask",
+         "must match"),
+        ({"image": ("a.png", png, "image/png"),
+          "mask": ("m.png", png, "image/png")}, {}, "mask", "no alpha channel"),
+        ({"image": ("a.png", png, "image/png"),
+          "mask": ("m.png", opaque_mask, "image/png")}, {}, "mask", "nothing to redraw"),
+        ({"image": ("a.png", png, "image/png"),
+          "mask": ("m.png", mask_from_row(256, 256, 10), "image/png")}, {"keep_rows": "3"},
+         "keep_rows", "not both"),
+        ({"image": ("a.png", png, "image/png")}, {"keep_rows": "16"}, "keep_rows",
+         "at most 15"),
+        ({"image": ("a.png", png, "image/png")}, {"cfg_scale": "lots"}, "cfg_scale", None),
+        ({"image": ("a.png", png, "image/png")}, {"colour": "red"}, "colour", None),
+        ({"image": ("a.png", png, "image/png")}, {"prompt": "zebra"}, "prompt", None),
+        ({"image": ("a.png", png, "image/png")}, {"n": "11"}, "n", None),
+        ({"mask": ("m.png", mask_from_row(256, 256, 10), "image/png")}, {}, "image",
+         "required"),
+    ]
+    before = metric(server.metrics(), "llamagen_encoder_seconds_count", model="shapes")
+    for files, data, param, words in cases:
+        error = error_of(_edit(server, files, data), 400)
+        assert error["param"] == param, (param, error)
+        if words:
+            assert words in error["message"], error
+    assert metric(server.metrics(), "llamagen_encoder_seconds_count", model="shapes") == before
+    not_multipart = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=30,
+                               json={"prompt": "1"})
+    assert "multipart/form-data" in error_of(not_multipart, 400)["message"]
+
+
+def test_native_prefix_tokens_are_checked(server):
+    def native(prefixes: list) -> dict:
+        return error_of(httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=30,
+                                   json={"labels": [1], "prefix_tokens": prefixes}), 400)
+
+    assert native([[1, 2, 256]])["param"] == "prefix_tokens.0"
+    assert "0..255" in native([[1, 2, 256]])["message"]
+    assert "at most 255" in native([[0] * 256])["message"]
+    assert native([[1], [2]])["param"] == "prefix_tokens"
 
 
 def test_metrics_expose_ours_and_vllms(server):

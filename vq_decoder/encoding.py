@@ -55,19 +55,27 @@ IMAGE_FORMATS: dict[str, FormatSpec] = {
 assert tuple(IMAGE_FORMATS) == get_args(ImageFormat)
 BY_EXTENSION = {spec.extension: spec for spec in IMAGE_FORMATS.values()}
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+# An edit keeps part of its input image and generates the rest.
+EDITED_SOURCE_TYPE = ("http://cv.iptc.org/newscodes/digitalsourcetype/"
+                      "compositeWithTrainedAlgorithmicMedia")
 PNG_KEY = "llamagen"
 EXIF_IMAGE_DESCRIPTION, EXIF_SOFTWARE, EXIF_DATETIME = 0x010E, 0x0131, 0x0132
 
 
 def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
                sampling: dict[str, Any], software: str, label: int | None = None,
-               class_name: str | None = None, prompt: str | None = None) -> dict[str, Any]:
+               class_name: str | None = None, prompt: str | None = None,
+               edit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record every image carries; `edit` (for a completion of an input image: rows
+    kept, the input's sha256) makes its digital source type a composite."""
     record: dict[str, Any] = {
         "model": model, "checkpoint_sha256": checkpoint_sha256, "seed": seed,
         "sampling": sampling, "software": software,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "digital_source_type": DIGITAL_SOURCE_TYPE,
+        "digital_source_type": DIGITAL_SOURCE_TYPE if edit is None else EDITED_SOURCE_TYPE,
     }
+    if edit is not None:
+        record["edit"] = edit
     if label is not None:
         record["class_label"] = label
     if class_name is not None:
@@ -78,6 +86,7 @@ def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
 
 
 def _xmp(record: dict[str, Any]) -> bytes:
+    source = record.get("digital_source_type", DIGITAL_SOURCE_TYPE)
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
@@ -86,7 +95,7 @@ def _xmp(record: dict[str, Any]) -> bytes:
         'xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
         'xmlns:xmp="http://ns.adobe.com/xap/1.0/" '
         'xmlns:dc="http://purl.org/dc/elements/1.1/" '
-        f'Iptc4xmpExt:DigitalSourceType="{DIGITAL_SOURCE_TYPE}" '
+        f'Iptc4xmpExt:DigitalSourceType="{escape(str(source))}" '
         f'xmp:CreatorTool="{escape(str(record.get("software", "")), {chr(34): "&quot;"})}" '
         f'xmp:CreateDate="{escape(str(record.get("created", "")))}">'
         f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">'

@@ -8,11 +8,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
-from server.deps import AppState, accepting, get_state, require_api_key
+from server.deps import AppState, accepting, get_state, read_form, require_api_key
 from server.errors import GENERATION_ERRORS, SSE_EVENT, ServiceError, error_responses
 from server.image_store import StoreUnavailable
-from server.protocol import ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
-from server.serving import ServingImages
+from server.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
+from server.serving import ServingEdits, ServingImages
 from vq_decoder.encoding import IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
@@ -39,6 +45,42 @@ async def create_image(body: ImageGenerationRequest, request: Request,
                        state: AppState = Depends(accepting)
                        ) -> ImagesResponse | EventSourceResponse:
     return await ServingImages(state, request, body.model).create(body)
+
+
+EDITS_PATH = "/v1/images/edits"
+
+
+def _edit_form_schema() -> dict:
+    """The multipart body: ImageEditRequest's fields beside the `image` and `mask` files."""
+    schema = ImageEditRequest.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    schema["properties"] = {
+        "image": {**binary, "description": "PNG, JPEG or WebP; fitted to the model's size "
+                  "(centre crop, as the original prepares images)"},
+        "mask": {**binary, "description": "PNG with alpha, the image's size: redrawing "
+                 "starts at the first token row holding a fully transparent pixel"},
+        **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    return schema
+
+
+@router.post("/images/edits", response_model=None, openapi_extra={"requestBody": {
+    "required": True, "content": {"multipart/form-data": {"schema": _edit_form_schema()}}}},
+    responses={200: {"model": ImagesResponse, "content": {"text/event-stream": {"schema": {
+        **SSE_EVENT, "description": "with `stream`: image_edit.partial_image and "
+        "image_edit.completed events (or one `error` event)"}}}},
+    **GENERATION_ERRORS})
+async def edit_image(request: Request, state: AppState = Depends(accepting)
+                     ) -> ImagesResponse | EventSourceResponse:
+    """Complete an image: its token rows above the mask (or `keep_rows`) are kept, the rest
+    is redrawn for `prompt`."""
+    form = await read_form(request)
+    try:
+        model = form.get("model")  # a file there is refused with the other fields
+        serving = ServingEdits(state, request, model if isinstance(model, str) else None)
+        return await serving.create_from_form(form)
+    finally:
+        await form.close()  # the uploads are read before any response starts
 
 
 @router.get("/images/files/{name}", response_class=Response, responses={
