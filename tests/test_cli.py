@@ -30,11 +30,19 @@ def test_models_lists_the_zoo():
     (["generate", "--model", "{model}", "--labels", "zebra"], "unknown class 'zebra'"),
     (["generate", "--model", "{tmp}/missing", "--labels", "1"], "not a LlamaGen model"),
     (["generate", "--model", "{model}", "--labels", "1", "--dtype", "int8"], None),
+    (["generate", "--model", "{model}", "--labels", "1", "2", "--tokens-out", "{tmp}/t.json",
+      "--prefix-tokens", "{tmp}/one.json"], "1 lists for 2 images"),
+    (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
+      "--prefix-tokens", "{tmp}/bad.json"], "prefix token 1 is 300"),
+    (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
+      "--prefix-tokens", "{tmp}/none.json"], "--prefix-tokens"),
 ])
 def test_bad_input_exits_with_one_clear_line(tmp_path, tiny_model, args, pattern):
     from model_registry.synthetic import save_gpt_checkpoint
 
     ckpt = save_gpt_checkpoint(tiny_config(16), tmp_path / "gpt.pt")
+    (tmp_path / "one.json").write_text("[[1, 2]]")
+    (tmp_path / "bad.json").write_text("[[1, 300]]")
     args = [a.format(ckpt=ckpt, tmp=tmp_path, model=tiny_model.path) for a in args]
     result = run_cli(*args)
     if pattern is None:  # argparse's own usage error
@@ -67,6 +75,20 @@ def test_convert_then_generate_tokens_match_reference(tmp_path, tiny_model):
     ref = tiny_model.load_reference()  # same weights: seed 1, same config
     expected = generate(ref, torch.tensor([2, 7]), cfg_scale=3.0, greedy=True).tolist()
     assert tokens == expected
+    # Completion: keep image 0's top 3 rows, redraw the rest as class 5; the output grids
+    # include the prefix, in --tokens-out and --out-dir.
+    prefixes = [tokens[0][:48], []]
+    (tmp_path / "prefix.json").write_text(json.dumps(prefixes))
+    result = run_cli("generate", "--model", str(tiny_model.path), "--labels", "5", "7",
+                     "--cfg-scale", "3.0", "--greedy", "--dtype", "float32",
+                     "--prefix-tokens", str(tmp_path / "prefix.json"),
+                     "--tokens-out", str(tokens_out), "--out-dir", str(tmp_path / "images"))
+    assert result.returncode == 0, result.stderr
+    completed = json.loads(tokens_out.read_text())
+    assert completed[0] == generate(ref, torch.tensor([5]), cfg_scale=3.0, greedy=True,
+                                    prefix=torch.tensor([prefixes[0]])).tolist()[0]
+    assert completed[1] == expected[1]
+    assert len(list((tmp_path / "images").iterdir())) == 2
 
 
 def test_server_settings_from_env_and_flags(monkeypatch):

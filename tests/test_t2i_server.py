@@ -76,6 +76,32 @@ def test_openai_client_text_prompt(client, t2i_model):
         assert meta["sampling"]["cfg_scale"] == 4.0 and meta["sampling"]["top_k"] == 1000
 
 
+def test_edit_completes_the_image_under_a_caption(client, server, t2i_model):
+    """t2i edit through the openai client: greedy, it equals the native completion from the
+    input's codes, whose tokens equal the reference's completion for the caption."""
+    import numpy as np
+
+    pixels = np.random.default_rng(3).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    result = client.images.edit(model="captions", image=("in.png", buf.getvalue()),
+                                prompt="a red boat", extra_body={"keep_rows": 3,
+                                                                 "temperature": 0})
+    assert result.data[0].model_extra["kept_rows"] == 3
+    assert result.data[0].revised_prompt == "a red boat"
+    # Encoded alone, as the server does on a CPU (decode and encode batches of 1).
+    codes = t2i_model.vq_encoder(device="cpu").encode_uint8(torch.from_numpy(pixels)[None])
+    prefix = codes[0].flatten()[:24].tolist()
+    response = native(server, {"prompts": ["a red boat"], "prefix_tokens": [prefix],
+                               "greedy": True, "return_tokens": True})
+    image = response.json()["images"][0]
+    valid = [c.features for c in t2i_model.load_text_encoder().encode(["a red boat"])]
+    assert [image["tokens"]] == reference_t2i_tokens(t2i_model, valid, 7.5, prefix=[prefix])
+    edited = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+    native_pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))))
+    assert np.abs(edited.astype(int) - native_pixels).max() <= 1
+
+
 def test_over_long_prompt_is_truncated_to_120_tokens(client):
     result = client.images.generate(model="captions", prompt=LONG, n=1,
                                     extra_body={"temperature": 0})
