@@ -168,6 +168,8 @@ class ModelCard(BaseModel):
     task: Literal["c2i", "t2i"] = Field(description="c2i: prompts are class ids or names; "
                                         "t2i: prompts are captions")
     image_size: int
+    grid_size: int = Field(description="token rows (and columns) of an image: edits keep "
+                           "0..grid_size-1 of them")
     num_classes: int = Field(description="0 for t2i models")
     max_model_len: int
 

@@ -95,3 +95,78 @@ def test_live_panel_shows_server_load(page):
     expect(page.locator("#ips")).not_to_have_text("–", timeout=10_000)
     expect(page.locator("#queue")).to_have_text("0")
 
+
+
+def test_page_edits_a_generated_image_and_an_upload(page, tmp_path):
+    """"Edit" under a generated image, pick the row by clicking the picture, and watch the
+    rows below it redraw; then an uploaded file."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    page.get_by_label("Class", exact=True).fill("blue square")
+    page.get_by_label("Images", exact=True).fill("2")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("figure.tile.done")).to_have_count(2, timeout=60_000)
+    page.locator("figure.tile.done").first.get_by_role("button", name="Edit").click()
+    expect(page.locator("#edit-source")).to_be_visible()
+    expect(page.locator("#edit-go")).to_be_enabled()
+    # The demo model's grid has 8 rows: a click 5.5 rows down picks row 5; the keyboard
+    # moves it.
+    page.locator("#edit-img").click(position={"x": 100, "y": 5.5 * 256 / 8})
+    expect(page.locator("#edit-row-value")).to_have_text("5")
+    page.locator("#edit-row").focus()
+    page.keyboard.press("ArrowLeft")
+    expect(page.locator("#edit-row-value")).to_have_text("4")
+    page.get_by_label("Class", exact=True).fill("red circle")
+    page.get_by_role("button", name="Redraw").click()
+    page.wait_for_selector("figure.tile.preview", timeout=60_000)  # redrawn live
+    expect(page.locator("figure.tile.done")).to_have_count(2, timeout=60_000)
+    expect(page.locator("figure.tile.done figcaption").first).to_contain_text("kept 4 rows")
+    expect(page.locator("#status")).to_contain_text("Done: 2 edits")
+    page.screenshot(path=str(ARTIFACTS / "playground-edit.png"))
+
+    upload = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)).save(
+        upload)
+    page.locator("#edit-file").set_input_files(str(upload))
+    expect(page.locator("#edit-caption")).to_contain_text("upload.png")
+    page.get_by_label("Images", exact=True).fill("1")
+    page.get_by_role("button", name="Redraw").click()
+    expect(page.locator("figure.tile.done")).to_have_count(1, timeout=60_000)
+    sizes = page.evaluate("""() => Array.from(document.querySelectorAll('figure.tile.done img'))
+        .map((img) => [img.naturalWidth, img.naturalHeight])""")
+    assert sizes == [[64, 64]]  # fitted to the model's size
+
+
+def test_live_panel_shows_the_rate_and_queue_during_a_generation(page, server):
+    """While this page generates (and another client keeps the server busy), the panel shows
+    a non-zero images/s and the queue; afterwards the queue is back to 0."""
+    import threading
+
+    import httpx
+
+    from .helpers import API_KEY as KEY
+
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            while not stop.is_set():
+                client.post(f"{server.url}/v1/generate", json={"labels": [1, 2, 3, 4]})
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        page.get_by_label("Class", exact=True).fill("yellow star")
+        page.get_by_label("Images", exact=True).fill("10")
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_function("""() => document.getElementById('generate').disabled
+            && Number(document.getElementById('ips').textContent) > 0
+            && Number(document.getElementById('queue').textContent) > 0""", timeout=60_000)
+    finally:
+        stop.set()
+        thread.join()
+    from playwright.sync_api import expect
+
+    expect(page.locator("#queue")).to_have_text("0", timeout=20_000)

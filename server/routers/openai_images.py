@@ -30,7 +30,7 @@ STARTED = int(time.time())
 def list_models(state: AppState = Depends(get_state)) -> ModelList:
     return ModelList(data=[
         ModelCard(id=name, created=STARTED, task=s.model.gpt.model_type,
-                  image_size=s.model.image_size,
+                  image_size=s.model.image_size, grid_size=s.model.grid_size,
                   num_classes=0 if s.model.is_t2i else s.model.gpt.num_classes,
                   max_model_len=s.model.max_model_len)
         for name, s in state.services.items()])

@@ -1,15 +1,19 @@
 // The playground: plain JavaScript, no build step. It talks to the native API (/v1/generate)
-// with streaming, so every tile fills in from the server's previews as the grid is generated.
+// and the edits API (/v1/images/edits) with streaming, so every tile fills in from the
+// server's previews as the grid is generated.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "llamagen.apiKey";
+const edit = { blob: null, grid: 16 };  // the image to edit, the model's token grid
+
+function authHeaders() {
+  const key = $("apikey").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
 
 function headers() {
-  const h = { "Content-Type": "application/json" };
-  const key = $("apikey").value.trim();
-  if (key) h.Authorization = `Bearer ${key}`;
-  return h;
+  return { "Content-Type": "application/json", ...authHeaders() };
 }
 
 function showError(message) {
@@ -39,10 +43,19 @@ async function loadModels() {
   for (const model of (await response.json()).data) {
     const option = new Option(`${model.id} (${model.image_size}px)`, model.id);
     option.dataset.task = model.task;
+    option.dataset.grid = model.grid_size;
     select.append(option);
   }
   if (current) select.value = current;
   await loadClasses();
+}
+
+function setGrid() {
+  const option = $("model").selectedOptions[0];
+  edit.grid = option ? Number(option.dataset.grid) : 16;
+  $("edit-row").max = edit.grid - 1;
+  if (Number($("edit-row").value) > edit.grid - 1) $("edit-row").value = edit.grid - 1;
+  showCut();
 }
 
 function isTextModel() {
@@ -53,6 +66,7 @@ function isTextModel() {
 async function loadClasses() {
   const model = $("model").value;
   if (!model) return;
+  setGrid();
   // A text-conditional model takes a caption: no class list to complete from.
   $("prompt-label").textContent = isTextModel() ? "Prompt" : "Class";
   $("prompt").placeholder = isTextModel() ? "a caption" : "a class name or id";
@@ -81,19 +95,20 @@ function makeTile(index, total) {
   return figure;
 }
 
+// A finished image: {b64, subject, seed, seconds (optional)}.
 function finishTile(tile, image, request) {
   const img = tile.querySelector("img");
-  img.src = `data:image/png;base64,${image.b64_json}`;
-  const subject = image.class_name ?? image.prompt;  // c2i: the class; t2i: the caption
-  img.alt = `${subject}, seed ${image.seed ?? "greedy"}`;
+  img.src = `data:image/png;base64,${image.b64}`;
+  img.alt = `${image.subject}, seed ${image.seed ?? "greedy"}`;
+  tile.classList.remove("preview");
   tile.classList.add("done");
   const caption = tile.querySelector("figcaption");
   const info = document.createElement("span");
-  info.textContent = `${subject} · seed ${image.seed ?? "–"} · ${image.seconds.toFixed(2)} s`;
+  const time = image.seconds === undefined ? "" : ` · ${image.seconds.toFixed(2)} s`;
+  info.textContent = `${image.subject} · seed ${image.seed ?? "–"}${time}`;
   const download = document.createElement("a");
   download.href = img.src;  // the PNG bytes as served: provenance metadata intact
-  const stem = image.class_label ?? "t2i";
-  download.download = `llamagen_${stem}_${image.seed ?? "greedy"}.png`;
+  download.download = `llamagen_${image.seed ?? "greedy"}.png`;
   download.textContent = "Download";
   const again = document.createElement("button");
   again.type = "button";
@@ -105,7 +120,16 @@ function finishTile(tile, image, request) {
     $("prompt").value = request.prompt;
     $("controls").requestSubmit();
   });
-  caption.replaceChildren(info, download, again);
+  const toEdit = document.createElement("button");
+  toEdit.type = "button";
+  toEdit.textContent = "Edit";
+  toEdit.setAttribute("aria-label", `Edit the image with seed ${image.seed}`);
+  toEdit.addEventListener("click", async () => {
+    const blob = await (await fetch(img.src)).blob();
+    setEditSource(blob, `${image.subject}, seed ${image.seed ?? "greedy"}`);
+    $("edit").scrollIntoView({ behavior: "smooth" });
+  });
+  caption.replaceChildren(info, download, again, toEdit);
 }
 
 // Server-sent events over fetch (EventSource cannot POST): yields {event, data} records.
@@ -152,6 +176,7 @@ async function generate(event) {
   $("generate").disabled = true;
   $("status").textContent = `Generating ${n} image${n > 1 ? "s" : ""} of “${prompt}”…`;
   const started = performance.now();
+  running += 1;
   try {
     const response = await fetch("/v1/generate", {
       method: "POST", headers: headers(), body: JSON.stringify(request),
@@ -174,7 +199,10 @@ async function generate(event) {
         tile.querySelector(".progress").textContent = `drawing… ${data.partial_image_index + 1}/3`;
         tile.classList.add("preview");
       } else if (data.type === "image") {
-        finishTile(tiles.children[data.index], data, { prompt });
+        finishTile(tiles.children[data.index], {
+          b64: data.b64_json, subject: data.class_name ?? data.prompt, seed: data.seed,
+          seconds: data.seconds,
+        }, { prompt });
       } else if (data.type === "done") {
         const seconds = ((performance.now() - started) / 1000).toFixed(2);
         $("status").textContent = `Done: ${n} image${n > 1 ? "s" : ""} in ${seconds} s.`;
@@ -183,28 +211,138 @@ async function generate(event) {
   } catch (err) {
     showError(`Request failed: ${err.message}`);
   } finally {
+    running -= 1;
     $("generate").disabled = false;
   }
 }
+
+// ---- edits: keep the input's top token rows, redraw the rest ----
+
+function showCut() {
+  const row = Number($("edit-row").value);
+  $("edit-row-value").textContent = String(row);
+  const cut = $("edit-cut");
+  const top = (row / edit.grid) * 256;
+  cut.style.top = `${top}px`;
+  cut.style.height = `${256 - top}px`;
+}
+
+function setEditSource(blob, description) {
+  edit.blob = blob;
+  const img = $("edit-img");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(blob);
+  $("edit-source").hidden = false;
+  $("edit-caption").textContent = `Editing ${description}`;
+  $("edit-go").disabled = false;
+  showCut();
+}
+
+function pickRow(event) {
+  const img = $("edit-img");
+  const row = Math.floor((event.offsetY / img.clientHeight) * edit.grid);
+  $("edit-row").value = Math.min(edit.grid - 1, Math.max(1, row));
+  showCut();
+}
+
+async function redraw() {
+  showError("");
+  const prompt = $("prompt").value.trim();
+  if (!edit.blob || !prompt) {
+    showError(prompt ? "Choose an image to edit first." : "Give a class or prompt first.");
+    return;
+  }
+  const n = Number($("n").value);
+  const row = Number($("edit-row").value);
+  const form = new FormData();
+  form.append("image", edit.blob, "input.png");
+  const fields = {
+    prompt, n, keep_rows: row, stream: true, partial_images: 3,
+    cfg_scale: $("cfg").value, top_k: $("topk").value, temperature: $("temperature").value,
+    seed: $("seed").value,
+  };
+  if ($("model").value) fields.model = $("model").value;
+  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  const tiles = $("tiles");
+  tiles.replaceChildren(...Array.from({ length: n }, (_, i) => makeTile(i, n)));
+  $("edit-go").disabled = true;
+  $("generate").disabled = true;
+  $("status").textContent = `Redrawing rows ${row}–${edit.grid - 1} as “${prompt}”…`;
+  const started = performance.now();
+  running += 1;
+  try {
+    const response = await fetch("/v1/images/edits", {
+      method: "POST", headers: authHeaders(), body: form,
+    });
+    if (!response.ok) {
+      tiles.replaceChildren();
+      showError(await apiError(response));
+      $("status").textContent = "";
+      return;
+    }
+    let finished = 0;
+    for await (const { event: kind, data } of sseEvents(response)) {
+      if (kind === "error") {
+        showError(data.error.message);
+        break;
+      }
+      const tile = tiles.children[data.image_index];
+      if (data.type === "image_edit.partial_image") {
+        tile.querySelector("img").src = `data:image/png;base64,${data.b64_json}`;
+        tile.querySelector("img").alt = `Edit ${data.image_index + 1}, preview ${data.partial_image_index + 1} of 3`;
+        tile.querySelector(".progress").textContent = `redrawing… ${data.partial_image_index + 1}/3`;
+        tile.classList.add("preview");
+      } else if (data.type === "image_edit.completed") {
+        finishTile(tile, {
+          b64: data.b64_json, subject: `${data.revised_prompt ?? prompt} (kept ${data.kept_rows} rows)`,
+          seed: data.seed,
+        }, { prompt });
+        finished += 1;
+      }
+    }
+    if (finished === n) {
+      const seconds = ((performance.now() - started) / 1000).toFixed(2);
+      $("status").textContent = `Done: ${n} edit${n > 1 ? "s" : ""} in ${seconds} s.`;
+    }
+  } catch (err) {
+    showError(`Request failed: ${err.message}`);
+  } finally {
+    running -= 1;
+    $("edit-go").disabled = false;
+    $("generate").disabled = false;
+  }
+}
+
+// ---- the live panel: the server's rate and queue, from /metrics ----
+
+let running = 0;  // requests of this page in flight: poll faster meanwhile
+const samples = [];  // [time in ms, images generated so far]
 
 function parseMetrics(text) {
   const sum = (name) => text.split("\n")
     .filter((line) => line.startsWith(name) && !line.startsWith("#"))
     .reduce((total, line) => total + Number(line.split(" ").pop()), 0);
-  return { ips: sum("llamagen_images_per_second"), queue: sum("llamagen_queue_depth") };
+  return { done: sum("llamagen_images_generated_total"), queue: sum("llamagen_queue_depth") };
 }
 
 async function pollMetrics() {
   try {
     const response = await fetch("/metrics");
     if (response.ok) {
-      const { ips, queue } = parseMetrics(await response.text());
-      $("ips").textContent = ips.toFixed(2);
+      const { done, queue } = parseMetrics(await response.text());
+      const now = performance.now();
+      samples.push([now, done]);
+      // Images/s over the last 5 s, from the server's own counter (every client counts).
+      while (samples.length > 2 && now - samples[1][0] >= 5000) samples.shift();
+      const [then, before] = samples[0];
+      const rate = now > then ? ((done - before) * 1000) / (now - then) : 0;
+      $("ips").textContent = rate.toFixed(2);
       $("queue").textContent = String(queue);
     }
   } catch {
     // the panel is best-effort; the next poll retries
   }
+  setTimeout(pollMetrics, running > 0 ? 500 : 2000);
 }
 
 window.addEventListener("DOMContentLoaded", () => {
@@ -218,7 +356,13 @@ window.addEventListener("DOMContentLoaded", () => {
     $("seed").value = Math.floor(Math.random() * 2 ** 31);
   });
   $("controls").addEventListener("submit", generate);
+  $("edit-file").addEventListener("change", () => {
+    const file = $("edit-file").files[0];
+    if (file) setEditSource(file, file.name);
+  });
+  $("edit-row").addEventListener("input", showCut);
+  $("edit-img").addEventListener("click", pickRow);
+  $("edit-go").addEventListener("click", redraw);
   loadModels();
   pollMetrics();
-  setInterval(pollMetrics, 2000);
 });
