@@ -9,7 +9,9 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
@@ -392,12 +394,20 @@ class ServingEdits(ServingImages):
 
     @staticmethod
     def _body(fields: dict[str, str]) -> ImageEditRequest:
+        """The form's text fields, typed by the request model as its schema says (booleans
+        `true`/`false`, integers and numbers in JSON's notation), then validated strictly."""
+        typed: dict[str, Any] = {}
         try:
-            return ImageEditRequest.model_validate(fields)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            message = f"{param}: {err['msg']}" if param else err["msg"]
+            for name, text in fields.items():
+                typed[name] = form_value(ImageEditRequest, name, text)
+            return ImageEditRequest.model_validate(typed, strict=True)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            if isinstance(e, ValidationError):
+                err = e.errors()[0]
+                param = ".".join(str(p) for p in err["loc"]) or None
+                message = f"{param}: {err['msg']}" if param else err["msg"]
+            else:
+                param, message = name, f"{name}: {e}"
             raise ServiceError(400, message, param=param, code="invalid_value") from None
 
     async def _read(self, upload: UploadFile, param: str) -> tuple[bytes, PILImage, str]:
@@ -492,6 +502,33 @@ class ServingNative(ServingRequest):
             b64_json=await self.b64(event.pixels, event.condition, event.seed),
             tokens=event.tokens if body.return_tokens else None,
             seconds=round(event.seconds, 4))
+
+
+JSON_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def form_value(model: type[BaseModel], name: str, text: str) -> Any:
+    """A multipart text field -> the JSON type the model's field has (unknown fields and
+    strings stay text)."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return text
+    kinds = {t for t in (typing.get_args(field.annotation) or (field.annotation,))
+             if t is not type(None)}
+    if bool in kinds:
+        if text not in ("true", "false"):
+            raise ValueError(f"expected true or false, got {text[:40]!r}")
+        return text == "true"
+    if int in kinds:
+        if not JSON_INTEGER.fullmatch(text):
+            raise ValueError(f"expected an integer, got {text[:40]!r}")
+        return int(text)
+    if float in kinds:
+        if not JSON_NUMBER.fullmatch(text):
+            raise ValueError(f"expected a number, got {text[:40]!r}")
+        return float(text)
+    return text
 
 
 def sse(event: BaseModel | dict[str, Any]) -> dict[str, str]:

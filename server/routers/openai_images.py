@@ -53,6 +53,14 @@ EDITS_PATH = "/v1/images/edits"
 def _edit_form_schema() -> dict:
     """The multipart body: ImageEditRequest's fields beside the `image` and `mask` files."""
     schema = ImageEditRequest.model_json_schema()
+    # A form has no null: an optional field is left out instead.
+    for name, prop in schema["properties"].items():
+        options = [o for o in prop.get("anyOf", ()) if o.get("type") != "null"]
+        if len(options) == 1:
+            rest = {k: v for k, v in prop.items() if k != "anyOf"}
+            schema["properties"][name] = {**options[0], **rest}
+            if rest.get("default", 0) is None:
+                del schema["properties"][name]["default"]
     binary = {"type": "string", "format": "binary"}
     schema["properties"] = {
         "image": {**binary, "description": "PNG, JPEG or WebP; fitted to the model's size "
