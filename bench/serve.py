@@ -10,11 +10,12 @@ time-to-first-partial-image percentiles, errors by status, and the server's own 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,33 @@ class LoadSpec:
     partial_images: int = 0
     seed: int = 0
     response_format: str = "b64_json"
+    edit_rows: int | None = None  # an edit keeping this many rows of `image`
+    image: bytes | None = None
+
+    @property
+    def label(self) -> str:
+        """What this spec sends, as the report's `request` column says."""
+        what = "generation" if self.edit_rows is None else f"edit keep_rows={self.edit_rows}"
+        if self.stream:
+            what += f", stream {self.partial_images} previews"
+        return f"{what}, {self.response_format}"
+
+    @property
+    def path(self) -> str:
+        return "/v1/images/generations" if self.edit_rows is None else "/v1/images/edits"
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def request(self, i: int) -> dict[str, Any]:
+        """httpx keyword arguments of request i: JSON, or a multipart form for an edit."""
+        body = self.body(i)
+        if self.edit_rows is None:
+            return {"json": body}
+        assert self.image is not None
+        body["keep_rows"] = self.edit_rows
+        fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in body.items()}
+        return {"data": fields, "files": {"image": ("input.png", self.image, "image/png")}}
 
     def body(self, i: int) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": self.prompts[i % len(self.prompts)], "n": self.n,
@@ -83,19 +108,19 @@ async def scrape(client: httpx.AsyncClient, url: str) -> dict[str, float]:
 
 async def send(client: httpx.AsyncClient, spec: LoadSpec, i: int) -> Outcome:
     start = time.perf_counter()
-    url = f"{spec.url}/v1/images/generations"
+    url = f"{spec.url}{spec.path}"
     try:
         if not spec.stream:
-            r = await client.post(url, json=spec.body(i), headers=spec.headers())
+            r = await client.post(url, headers=spec.headers(), **spec.request(i))
             images = len(r.json().get("data", [])) if r.status_code == 200 else 0
             return Outcome(r.status_code, time.perf_counter() - start, images)
         first, images, status = None, 0, 0
-        async with client.stream("POST", url, json=spec.body(i), headers=spec.headers()) as r:
+        async with client.stream("POST", url, headers=spec.headers(), **spec.request(i)) as r:
             status = r.status_code
             async for line in r.aiter_lines():
-                if line.startswith("event: image_generation.partial_image") and first is None:
+                if line.endswith(".partial_image") and first is None:
                     first = time.perf_counter() - start
-                elif line.startswith("event: image_generation.completed"):
+                elif line.startswith("event: image_") and line.endswith(".completed"):
                     images += 1
                 elif line.startswith("event: error"):
                     status = 500
@@ -167,7 +192,7 @@ async def run_load(spec: LoadSpec, *, mode: str = "closed", concurrency: int = 1
     return summarize(outcomes, wall, before, after, peaks) | {
         "mode": mode, "concurrency": concurrency if mode == "closed" else None,
         "rate": rate if mode == "open" else None, "n": spec.n, "stream": spec.stream,
-        "response_format": spec.response_format}
+        "response_format": spec.response_format, "request": spec.label}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -207,7 +232,37 @@ def summarize(outcomes: list[Outcome], wall: float, before: dict[str, float],
             "peak_waiting": peaks["waiting"],
         },
         "latencies": [round(x, 4) for x in sorted(latencies)],
+        "first_partials": [round(x, 4) for x in sorted(firsts)],
     }
+
+
+def merge_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Slices of one kind's run (`--rounds`) -> one run: totals summed, rates over the summed
+    time, percentiles over every latency."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    seconds = sum(p["seconds"] for p in parts)
+    images = sum(p["images"] for p in parts)
+    ok = sum(p["ok"] for p in parts)
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    firsts = sorted(x for p in parts for x in p["first_partials"])
+    errors: dict[str, int] = {}
+    for p in parts:
+        for status, count in p["errors_by_status"].items():
+            errors[status] = errors.get(status, 0) + count
+    server = {k: (max if k.startswith("peak") else sum)(p["server"][k] for p in parts)
+              for k in first["server"]}
+    return {**first, "requests": sum(p["requests"] for p in parts), "ok": ok,
+            "errors_by_status": errors, "seconds": round(seconds, 3), "images": images,
+            "images_per_s": round(images / seconds, 3) if seconds else None,
+            "requests_per_s": round(ok / seconds, 3) if seconds else None,
+            "latency_s": {"p50": _pct(latencies, 50), "p90": _pct(latencies, 90),
+                          "p99": _pct(latencies, 99)},
+            "first_partial_s": {"p50": _pct(firsts, 50), "p90": _pct(firsts, 90),
+                                "p99": _pct(firsts, 99)},
+            "server": server, "latencies": latencies, "first_partials": firsts,
+            "rounds": len(parts)}
 
 
 def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -309,6 +364,16 @@ def offline_ceiling(model_dir: Path, concurrency: int, images: int, dtype: str) 
             "reference_images_per_s": round(images / reference_s, 3)}
 
 
+def input_image(spec: LoadSpec) -> bytes:
+    """An image for the edit runs: one the server generates for the first prompt."""
+    body = {**spec.body(0), "n": 1, "stream": False}
+    body.pop("partial_images", None)
+    r = httpx.post(f"{spec.url}/v1/images/generations", json=body, headers=spec.headers(),
+                   timeout=600)
+    r.raise_for_status()
+    return base64.b64decode(r.json()["data"][0]["b64_json"])
+
+
 def _first_model(spec: LoadSpec) -> str:
     try:
         models = httpx.get(f"{spec.url}/v1/models", headers=spec.headers(), timeout=10).json()
@@ -328,14 +393,22 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per run (a cap)")
     parser.add_argument("--duration", type=float, default=300, help="seconds per run (a cap)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="split each run into this many "
+                        "slices, alternating the request kinds (noisy machines)")
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--response-format", nargs="+", default=["b64_json"],
                         choices=["b64_json", "url"], help="one run per format at each level "
                         "(url: what the image store adds)")
     parser.add_argument("--prompts", nargs="+", default=["0", "1", "2", "3"],
                         help="class ids or names, used in turn")
-    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--stream", action="store_true", help="stream every request")
     parser.add_argument("--partial-images", type=int, default=0)
+    parser.add_argument("--compare-stream", type=int, metavar="PREVIEWS",
+                        help="also run each level streamed with this many previews, side by "
+                        "side with the non-streamed run")
+    parser.add_argument("--edit-rows", type=int, nargs="+", default=[], metavar="K",
+                        help="also run edits (POST /v1/images/edits) keeping K token rows of "
+                        "an image the server generated first, side by side with generations")
     parser.add_argument("--sweep", type=int, metavar="MAX",
                         help="closed loop at concurrency 1, 2, 4, ... up to MAX")
     parser.add_argument("--offline-model", help="also measure the offline engine and the "
@@ -355,24 +428,40 @@ def main(args: Any) -> dict:
                       partial_images=args.partial_images, response_format=fmt)
              for fmt in args.response_format]
     spec = specs[0]
+    if args.compare_stream is not None:
+        specs.append(replace(spec, stream=True, partial_images=args.compare_stream))
+    if args.edit_rows:
+        image = input_image(spec)
+        specs += [replace(spec, edit_rows=k, image=image) for k in args.edit_rows]
     levels = sweep_levels(args.sweep) if args.sweep else [args.concurrency]
     runs = []
+    rounds = max(1, args.rounds)
     for level in (levels if args.mode == "closed" else [args.concurrency]):
-        for each in specs:  # formats side by side at each level, so noise hits them alike
-            runs.append(asyncio.run(run_load(each, mode=args.mode, concurrency=level,
-                                             rate=args.rate, requests=args.requests,
-                                             duration_s=args.duration, warmup=args.warmup)))
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "latencies"}),
-                  flush=True)
+        # The kinds side by side at each level, in `rounds` alternating slices, so that the
+        # machine's noise hits them alike.
+        parts: list[list[dict[str, Any]]] = [[] for _ in specs]
+        for r in range(rounds):
+            for k, each in enumerate(specs):
+                parts[k].append(asyncio.run(run_load(
+                    each, mode=args.mode, concurrency=level, rate=args.rate,
+                    requests=-(-args.requests // rounds), duration_s=args.duration / rounds,
+                    warmup=args.warmup if r == 0 else 0)))
+        for part in parts:
+            runs.append(merge_runs(part))
+            print(json.dumps({k: v for k, v in runs[-1].items()
+                              if k not in ("latencies", "first_partials")}), flush=True)
     if args.offline_model:
+        ceilings: dict[int, dict[str, Any]] = {}  # one offline measurement per level
         for run in runs:
             level = run["concurrency"] or max(1, round(args.rate))
-            run["offline"] = offline_ceiling(Path(args.offline_model), level,
-                                             max(run["images"], level), args.offline_dtype)
+            if level not in ceilings:
+                ceilings[level] = offline_ceiling(Path(args.offline_model), level,
+                                                  max(run["images"], level), args.offline_dtype)
+                print(json.dumps(ceilings[level]), flush=True)
+            run["offline"] = dict(ceilings[level])
             if run["images_per_s"]:
                 run["offline"]["http_vs_engine"] = round(
                     run["images_per_s"] / run["offline"]["engine_images_per_s"], 3)
-            print(json.dumps(run["offline"]), flush=True)
     served = args.model or _first_model(spec)
     result = {"benchmark": "serve", "command": command_line(), "machine": machine(),
               "url": spec.url, "model": served, "runs": runs}
@@ -390,13 +479,13 @@ def main(args: Any) -> dict:
                  f"{info['cores']} cores). Server and client on the same machine; offline "
                  "numbers include the VQ decode, as the server does. Raw data: "
                  f"`{args.json_out}`; plots: " + ", ".join(f"`{p}`" for p in plots) + ".", "",
-                 "| mode | concurrency | format | images/s HTTP | p50 s | p99 s | offline engine "
+                 "| mode | concurrency | request | images/s HTTP | p50 s | p99 s | offline engine "
                  "images/s | reference images/s | HTTP / engine | errors |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             off = r.get("offline", {})
             lines.append(f"| {r['mode']} | {r['concurrency'] or r['rate']} | "
-                         f"{r['response_format']} | {r['images_per_s']} | "
+                         f"{r['request']} | {r['images_per_s']} | "
                          f"{r['latency_s']['p50']} | "
                          f"{r['latency_s']['p99']} | {off.get('engine_images_per_s', '-')} | "
                          f"{off.get('reference_images_per_s', '-')} | "

@@ -67,7 +67,8 @@ async def soak(spec: LoadSpec, pid: int, duration_s: float, interval_s: float,
     samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mib": rss_mib(pid),
                     "total_mib": 0.0})
     samples[-1]["total_mib"] = round(sum(samples[-1]["rss_mib"].values()), 1)
-    return {"load": {k: v for k, v in load.items() if k != "latencies"}, "samples": samples}
+    return {"load": {k: v for k, v in load.items() if k not in ("latencies", "first_partials")},
+            "samples": samples}
 
 
 def verdict(samples: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
