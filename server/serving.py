@@ -160,14 +160,17 @@ class ServingRequest:
     async def b64(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> str:
         return base64.b64encode(await self.encode(pixels, condition, seed)).decode()
 
-    def usage(self, conditions: list[Condition]) -> Usage:
-        """Input tokens: the class token, or the caption's T5 tokens; output: image tokens."""
-        inputs = sum(c.input_tokens for c in conditions)
-        outputs = len(conditions) * self.model.gpt.block_size
-        text = inputs if self.model.is_t2i else 0
-        return Usage(input_tokens=inputs,
-                     input_tokens_details=ImageTokensDetails(text_tokens=text),
-                     output_tokens=outputs, total_tokens=inputs + outputs,
+    def usage(self, conditions: list[Condition], prefix_len: int = 0) -> Usage:
+        """Input tokens: the class token, or the caption's T5 tokens, plus an edit's kept
+        image tokens; output: the image tokens generated."""
+        conditioning = sum(c.input_tokens for c in conditions)
+        kept = len(conditions) * prefix_len
+        outputs = len(conditions) * (self.model.gpt.block_size - prefix_len)
+        text = conditioning if self.model.is_t2i else 0
+        return Usage(input_tokens=conditioning + kept,
+                     input_tokens_details=ImageTokensDetails(text_tokens=text,
+                                                             image_tokens=kept),
+                     output_tokens=outputs, total_tokens=conditioning + kept + outputs,
                      output_tokens_details=ImageTokensDetails(image_tokens=outputs))
 
     # ---- the two ways a request ends ----
@@ -265,7 +268,8 @@ class ServingImages(ServingRequest):
             return self.stream(self._events(body, condition, prefix, found))
         data = await self.collect(self._images(body, condition, prefix, found))
         return ImagesResponse(created=self.created, data=data, output_format=body.output_format,
-                              size=self.service.size, usage=self.usage([condition] * body.n))
+                              size=self.service.size,
+                              usage=self.usage([condition] * body.n, len(prefix or ())))
 
     def _generate(self, body: ImageGenerationRequest | ImageEditRequest, condition: Condition,
                   prefix: list[int] | None, partial_images: int = 0
@@ -281,7 +285,8 @@ class ServingImages(ServingRequest):
             if isinstance(event, Finished):
                 yield sse(self.completed_event(
                     b64_json=await self.b64(event.pixels, condition, event.seed),
-                    created_at=int(time.time()), usage=self.usage([condition]),
+                    created_at=int(time.time()),
+                    usage=self.usage([condition], len(prefix or ())),
                     image_index=event.index, seed=event.seed, class_label=condition.label,
                     revised_prompt=condition.caption, **common, **found))
             else:

@@ -409,6 +409,8 @@ def test_openai_client_edit_is_the_completion_of_the_encoded_image(client, serve
                                 extra_body={"keep_rows": 6, "temperature": 0})
     (edited,) = result.data
     assert edited.model_extra["kept_rows"] == 6 and result.size == "256x256"
+    # The kept tokens are input, the rest output.
+    assert result.usage.input_tokens == 1 + 96 and result.usage.output_tokens == 256 - 96
     prefix = input_codes(served_model, pixels)[: 6 * 16]
     native = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120, json={
         "labels": ["blue square"], "prefix_tokens": [prefix], "greedy": True,
