@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+WARMUP_INDEX = 1_000_000
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
@@ -117,6 +118,9 @@ async def send(client: httpx.AsyncClient, spec: LoadSpec, i: int) -> Outcome:
         first, images, status = None, 0, 0
         async with client.stream("POST", url, headers=spec.headers(), **spec.request(i)) as r:
             status = r.status_code
+            if status != 200:
+                await r.aread()
+                return Outcome(status, time.perf_counter() - start)
             async for line in r.aiter_lines():
                 if line.endswith(".partial_image") and first is None:
                     first = time.perf_counter() - start
@@ -124,8 +128,6 @@ async def send(client: httpx.AsyncClient, spec: LoadSpec, i: int) -> Outcome:
                     images += 1
                 elif line.startswith("event: error"):
                     status = 500
-            if status != 200:
-                await r.aread()
         return Outcome(status, time.perf_counter() - start, images, first)
     except httpx.HTTPError:
         return Outcome(0, time.perf_counter() - start)
@@ -137,8 +139,8 @@ async def run_load(spec: LoadSpec, *, mode: str = "closed", concurrency: int = 1
     """One bounded run: at most `requests` requests and `duration_s` seconds."""
     limits = httpx.Limits(max_connections=max(concurrency, 64))
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
-        for i in range(warmup):
-            await send(client, spec, -1 - i)
+        for i in range(warmup):  # indices past the run's: valid, different seeds
+            await send(client, spec, WARMUP_INDEX + i)
         before = await scrape(client, spec.url)
         outcomes: list[Outcome] = []
         peaks = {"kv_cache_usage": 0.0, "queue_depth": 0.0, "waiting": 0.0}

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.openmp import set_openmp_defaults
 from engine.settings import (
     TORCH_DTYPES,
     EngineSettings,
@@ -91,6 +92,7 @@ def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     else:  # AsyncLLM cannot run without it
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    set_openmp_defaults()  # vLLM's processes start after this and inherit it
     if not has_cuda():
         threads = cpu_threads(settings)
         # The CPU build reserves a core for its scheduler; on small machines that halves speed.
