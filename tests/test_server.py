@@ -209,7 +209,11 @@ def test_native_api_labels_tokens_and_names(server, served_model):
 
 
 def test_native_stream_previews_are_decodes_of_the_rows_so_far(server, served_model):
+    """Each preview shows its rows of a whole-grid decode (the rows not generated yet
+    mirrored, engine.service.preview_grid), grey below."""
     import torch
+
+    from engine.service import preview_grid
 
     body = {"labels": [4], "stream": True, "partial_images": 2, "seed": 9,
             "return_tokens": True}
@@ -219,11 +223,11 @@ def test_native_stream_previews_are_decodes_of_the_rows_so_far(server, served_mo
         events = [json.loads(line[5:]) for line in response.iter_lines()
                   if line.startswith("data:")]
     assert [e["type"] for e in events] == ["partial_image", "partial_image", "image", "done"]
-    tokens = torch.tensor(events[2]["tokens"]).view(1, 16, 16)
     decoder = served_model.vq_decoder(device="cpu", dtype=torch.float32)
     for event, rows in zip(events[:2], (5, 10), strict=True):  # 1/3 and 2/3 of 16 rows
         preview = np.asarray(decode_b64(event["b64_json"])[0])
-        top = decoder.decode_uint8(tokens[:, :rows]).numpy()[0]
+        whole = torch.tensor(preview_grid(events[2]["tokens"], rows, 16)).view(1, 16, 16)
+        top = decoder.decode_uint8(whole).numpy()[0][: rows * 16]
         assert_pixels_close(preview[: rows * 16], top)
         assert (preview[rows * 16:] == 128).all()  # not generated yet: grey
 
