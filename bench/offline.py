@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.flops import image_flops, matmul_ceiling
 from bench.report import command_line, machine, write_section
 from engine.conditions import Condition
 from engine.offline import OfflineGenerator
@@ -92,12 +93,21 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
         conds = engine_conditions(inputs)
         t_engine = _timed(lambda conds=conds: engine.generate(conds, options))
         t_ref = _timed(lambda inputs=inputs: run_reference(inputs))
+        # The machine's limit for these shapes, measured now, beside the engine's run.
+        ceiling = {name: matmul_ceiling(config, bs, TORCH_DTYPES[name])
+                   for name in dict.fromkeys((dtype, "float32"))}
+        condition = (sum(c.input_tokens for c in conds) / len(conds))
+        achieved = bs * image_flops(config, round(condition)) / t_engine
         row = {"size": size, "task": task, "dtype": dtype, "batch": bs,
                "tokens_per_image": config.block_size,
                "engine_s": round(t_engine, 3), "reference_s": round(t_ref, 3),
                "engine_images_per_s": round(bs / t_engine, 3),
                "reference_images_per_s": round(bs / t_ref, 3),
-               "speedup": round(t_ref / t_engine, 2)}
+               "speedup": round(t_ref / t_engine, 2),
+               "gflop_per_image": round(image_flops(config, round(condition)) / 1e9, 2),
+               "engine_gflops": round(achieved / 1e9, 1),
+               "matmul_ceiling_gflops": {k: round(v / 1e9, 1) for k, v in ceiling.items()},
+               "engine_vs_ceiling": round(achieved / ceiling[dtype], 3)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -137,11 +147,22 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
             "GPT-XL, is too slow for the reference on a small CPU machine; the zoo sizes listed "
             "stand in for it (same architecture, caption_dim 2048)."]),
         "",
-        "| model | dtype | batch | engine images/s | reference images/s | engine / reference |",
-        "|---|---|---|---|---|---|",
+        "The last columns put the engine against the machine: the FLOPs of an image "
+        "(`bench/flops.py` `image_flops`: both guidance streams, every layer's matmuls and "
+        "attention, the output head per generated token) times images/s, against the "
+        "throughput PyTorch's GEMM reaches on the same cores for the model's own decode-step "
+        "shapes (`matmul_ceiling`: M = 2 x batch rows), measured in the same run, in the "
+        "run's dtype (fp32 beside it).",
+        "",
+        "| model | dtype | batch | engine images/s | reference images/s | engine / reference "
+        "| GFLOP/image | engine GFLOP/s | matmul ceiling GFLOP/s (fp32) | engine / ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['size']} | {r['dtype']} | {r['batch']} | {r['engine_images_per_s']} | "
-              f"{r['reference_images_per_s']} | {r['speedup']}x |" for r in rows]
+              f"{r['reference_images_per_s']} | {r['speedup']}x | {r['gflop_per_image']} | "
+              f"{r['engine_gflops']} | {r['matmul_ceiling_gflops'][r['dtype']]} "
+              f"({r['matmul_ceiling_gflops']['float32']}) | "
+              f"{100 * r['engine_vs_ceiling']:.0f}% |" for r in rows]
     write_section(markdown_out, "offline" if task == "c2i" else f"offline-{task}",
                   "\n".join(lines))
     return rows
