@@ -92,7 +92,10 @@ def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     else:  # AsyncLLM cannot run without it
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    set_openmp_defaults()  # vLLM's processes start after this and inherit it
+    if not in_process:
+        # The engine core and its worker start after this and inherit it; an in-process
+        # engine has the cores to itself, and libgomp's default spinning serves it best.
+        set_openmp_defaults()
     if not has_cuda():
         threads = cpu_threads(settings)
         # The CPU build reserves a core for its scheduler; on small machines that halves speed.
