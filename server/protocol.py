@@ -19,7 +19,33 @@ OpenAISampling = overrides_model("OpenAISampling", exclude=("greedy",))
 NativeSampling = overrides_model("NativeSampling")
 
 
-class ImageGenerationRequest(OpenAISampling):  # type: ignore[misc, valid-type]
+class ImageRequest(OpenAISampling):  # type: ignore[misc, valid-type]
+    """The fields OpenAI's generation and edit requests share."""
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str = "auto"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3)
+    # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class ImageGenerationRequest(ImageRequest):
     """POST /v1/images/generations. For class-conditional models `prompt` is a class id
     ("207") or name ("golden retriever"); for text-conditional ones it is the caption
     (cleaned and truncated to 120 T5 tokens, as the original does)."""
@@ -28,34 +54,13 @@ class ImageGenerationRequest(OpenAISampling):  # type: ignore[misc, valid-type]
     # "2" as 2), so the OpenAPI document is the truth.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, max_length=32000)
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str = "auto"
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: OutputFormat = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
-    user: str | None = Field(None, max_length=256)
-    stream: bool = False
-    partial_images: int = Field(0, ge=0, le=3)
-    # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
-    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
-    background: Literal["auto", "opaque"] | None = None
-    moderation: Literal["low", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be empty")
-        return v
+    style: Literal["vivid", "natural"] | None = None  # accepted for compatibility
 
 
-class ImageEditRequest(OpenAISampling):  # type: ignore[misc, valid-type]
+class ImageEditRequest(ImageRequest):
     """POST /v1/images/edits, the multipart form's text fields (the files, `image` and
-    `mask`, travel beside them). Form values arrive as text, so numbers and booleans are
-    parsed from it ("4.5", "true"); unknown fields are refused.
+    `mask`, travel beside them). The serving object types the text of each field as the
+    schema says ("4.5", "true"), then validates strictly; unknown fields are refused.
 
     The edit is a completion: the input image's token rows above the redrawn region are kept
     and the rest is generated, conditioned on `prompt` (a class id or name for
@@ -63,31 +68,10 @@ class ImageEditRequest(OpenAISampling):  # type: ignore[misc, valid-type]
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=32000)
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str = "auto"
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: OutputFormat = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
-    user: str | None = Field(None, max_length=256)
-    stream: bool = False
-    partial_images: int = Field(0, ge=0, le=3)
     keep_rows: int | None = Field(None, ge=0, description="extension: token rows of the input "
                                   "image kept from the top (the rest is redrawn); without a "
                                   "mask the default is half the grid; not with `mask`")
-    # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
-    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
-    background: Literal["auto", "opaque"] | None = None
-    input_fidelity: Literal["high", "low"] | None = None
-    moderation: Literal["low", "auto"] | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be empty")
-        return v
+    input_fidelity: Literal["high", "low"] | None = None  # accepted for compatibility
 
 
 class ImageTokensDetails(BaseModel):

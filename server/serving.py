@@ -40,6 +40,7 @@ from server.protocol import (
     Image,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
     ImageTokensDetails,
     NativeGenerateRequest,
@@ -257,7 +258,7 @@ class ServingImages(ServingRequest):
                                f"{self.service.name}; supported sizes: 'auto', "
                                f"{self.service.size!r}", param="size", code="unsupported_size")
 
-    async def respond(self, body: ImageGenerationRequest | ImageEditRequest,
+    async def respond(self, body: ImageRequest,
                       condition: Condition, prefix: list[int] | None = None,
                       found: dict[str, Any] | None = None
                       ) -> ImagesResponse | EventSourceResponse:
@@ -271,13 +272,13 @@ class ServingImages(ServingRequest):
                               size=self.service.size,
                               usage=self.usage([condition] * body.n, len(prefix or ())))
 
-    def _generate(self, body: ImageGenerationRequest | ImageEditRequest, condition: Condition,
+    def _generate(self, body: ImageRequest, condition: Condition,
                   prefix: list[int] | None, partial_images: int = 0
                   ) -> AsyncIterator[Preview | Finished]:
         prefixes = None if prefix is None else [prefix] * body.n
         return self.generate([condition] * body.n, partial_images, prefixes)
 
-    async def _events(self, body: ImageGenerationRequest | ImageEditRequest,
+    async def _events(self, body: ImageRequest,
                       condition: Condition, prefix: list[int] | None, found: dict[str, Any]
                       ) -> AsyncIterator[dict[str, str]]:
         common = dict(size=self.service.size, output_format=body.output_format)
@@ -295,7 +296,7 @@ class ServingImages(ServingRequest):
                     partial_image_index=event.partial_index, created_at=int(time.time()),
                     image_index=event.index, **common))
 
-    async def _images(self, body: ImageGenerationRequest | ImageEditRequest,
+    async def _images(self, body: ImageRequest,
                       condition: Condition, prefix: list[int] | None, found: dict[str, Any]
                       ) -> list[Image]:
         images: list[Image | None] = [None] * body.n
