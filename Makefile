@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 serve: install
 	$(BIN)/llamagen serve $(ARGS)
