@@ -353,14 +353,14 @@ class ServingEdits(ServingImages):
                 raise ServiceError(400, f"mask: it is {mask.width}x{mask.height}, the image "
                                    f"{image.width}x{image.height}; they must match",
                                    param="mask", code="invalid_mask")
-            keep_rows = self._rows_above_mask(mask, size, grid)
+            keep_rows = await asyncio.to_thread(self._rows_above_mask, mask, size, grid)
         else:
             keep_rows = grid // 2 if body.keep_rows is None else body.keep_rows
             if keep_rows >= grid:
                 raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
                                    "rows; at least one is redrawn)", param="keep_rows",
                                    code="invalid_value")
-        pixels = fit_image(image, size)
+        pixels = await asyncio.to_thread(fit_image, image, size)  # a resize: off the loop
         self.configure(body, body.output_format, body.output_compression)
         self.writer = replace(self.writer, edit=EditSource(data, media_type, keep_rows, grid))
         (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
