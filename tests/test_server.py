@@ -352,8 +352,19 @@ def test_queue_overflow_gets_429_with_retry_after(server):
 
 
 def test_dropped_client_is_aborted_in_vllm(server):
+    """A client that leaves while its 6 images are in vLLM: all 6 are aborted, KV freed.
+    It leaves as soon as vLLM runs all 6 (previews would make the moment depend on how fast
+    the decoder is, and finished requests are no longer vLLM's to abort)."""
     before = metric(server.metrics(), "llamagen_requests_aborted_total")
-    client, response, _ = _open_stream(server, 6)
+    client = httpx.Client(timeout=120)
+    body = {"labels": [0] * 6, "stream": True, "seed": 1}
+    response = client.send(client.build_request("POST", f"{server.url}/v1/generate",
+                                                json=body, headers=AUTH), stream=True)
+    assert response.status_code == 200
+    deadline = time.monotonic() + 30
+    while metric(server.metrics(), "vllm:num_requests_running") < 6:
+        assert time.monotonic() < deadline, "the 6 images never ran"
+        time.sleep(0.02)
     response.close()  # the client goes away mid-generation
     client.close()
     deadline = time.monotonic() + 30
