@@ -1,5 +1,6 @@
 """The VQ tokenizer's services: token grids from many concurrent generations decoded in
-micro-batches (`engine.batching`), grids of one shape together (a preview has fewer rows);
+micro-batches (`engine.batching`), grids of one shape together (a caller may decode only the
+top rows of a grid);
 and, for edits, input images encoded to grids the same way.
 
 Batch-invariant mode pads every batch to `max_batch_size` grids: the convolution kernels

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ class EditSource:
     kept_rows: int
     grid_rows: int
 
-    @property
-    def sha256(self) -> str:
+    @cached_property
+    def sha256(self) -> str:  # once per request, not per image written
         return hashlib.sha256(self.data).hexdigest()
 
     def recorded(self) -> dict[str, Any]:
