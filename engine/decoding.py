@@ -22,6 +22,14 @@ from vq_decoder.decoder import VQDecoder
 from vq_decoder.encoder import VQEncoder
 
 
+def stack_batch(items: list[torch.Tensor], pad_to: int | None) -> torch.Tensor:
+    """One batch of same-shape items; padded with copies of the first to `pad_to` items when
+    given (batch invariance: a fixed shape, whose padding changes no item's result)."""
+    if pad_to is not None:
+        items = items + [items[0]] * (pad_to - len(items))
+    return torch.stack(items)
+
+
 class DecoderService:
     def __init__(self, decoder: VQDecoder, *, max_batch_size: int = 32,
                  max_wait_s: float = 0.005, cpu_threads: int | None = None,
@@ -33,10 +41,8 @@ class DecoderService:
             max_wait_s=max_wait_s, on_batch=on_batch)
 
     def _decode(self, grids: list[torch.Tensor]) -> Sequence[np.ndarray]:
-        n = len(grids)
-        if self.invariant:
-            grids = grids + [grids[0]] * (self.max_batch_size - n)
-        return list(self.decoder.decode_uint8(torch.stack(grids)).numpy()[:n])
+        batch = stack_batch(grids, self.max_batch_size if self.invariant else None)
+        return list(self.decoder.decode_uint8(batch).numpy()[: len(grids)])
 
     @property
     def alive(self) -> bool:
@@ -77,10 +83,8 @@ class EncoderService:
             max_wait_s=max_wait_s, on_batch=on_batch)
 
     def _encode(self, images: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-        n = len(images)
-        if self.invariant:
-            images = images + [images[0]] * (self.max_batch_size - n)
-        return list(self.encoder.encode_uint8(torch.stack(images))[:n])
+        batch = stack_batch(images, self.max_batch_size if self.invariant else None)
+        return list(self.encoder.encode_uint8(batch)[: len(images)])
 
     @property
     def alive(self) -> bool:
