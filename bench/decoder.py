@@ -1,10 +1,10 @@
 """`llamagen bench decoder`: VQ decode images/s against batch size.
 
 Random weights at the real tokenizer size (VQ-16 by default: 42 M decoder parameters); decode
-cost does not depend on the weights' values. On CUDA it runs in bf16 with channels_last, with
-and without `torch.compile`; on CPU in fp32 (what the server uses there). Every measurement
-synchronises the device, repeats until `--min-seconds` have passed, and includes the uint8
-conversion and the copy back to the host, as the server needs them.
+cost does not depend on the weights' values. On CUDA it runs in bf16, with and without
+`torch.compile`; on CPU in fp32 (what the server uses there); channels_last on both. Every
+measurement synchronises the device, repeats until `--min-seconds` have passed, and includes
+the uint8 conversion and the copy back to the host, as the server needs them.
 """
 
 from __future__ import annotations

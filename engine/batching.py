@@ -1,13 +1,14 @@
 """The micro-batcher: work from many concurrent requests, run in batches on one worker thread.
 
 A job is a list of items that stay together (one request's captions, one token grid). Jobs
-with the same key may share a batch; keys never mix (the decoder keys grids by shape, since a
-preview has fewer rows). A key's jobs run when they fill `max_batch_size` items or the oldest
-has waited `max_wait_s`, oldest key first; a job larger than a batch runs alone. Batches run
-on one worker thread, so the event loop stays free and the device (or the CPU thread budget)
-is never shared by two batches at once. A failing batch fails its own jobs, not the batcher;
-should the batcher itself fail, every job waiting on it fails and `alive` turns False (the
-service's health check reports it).
+with the same key may share a batch; keys never mix (the decoder keys grids by shape and by
+preview or final). A key's jobs run when they fill `max_batch_size` items or the oldest
+has waited `max_wait_s`; of the keys ready, the lowest `priority` first, then the oldest (the
+decoder's finished images go before its previews); a job larger than a batch runs alone.
+Batches run on one worker thread, so the event loop stays free and the device (or the CPU
+thread budget) is never shared by two batches at once. A failing batch fails its own jobs,
+not the batcher; should the batcher itself fail, every job waiting on it fails and `alive`
+turns False (the service's health check reports it).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class MicroBatcher(Generic[T, R]):
         self._fn, self.name = run, name
         self.max_batch_size, self.max_wait_s, self.on_batch = max_batch_size, max_wait_s, on_batch
         self._pending: dict[Hashable, deque[_Job[T, R]]] = {}
+        self._priority: dict[Hashable, int] = {}
         self._running: list[_Job[T, R]] = []
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -76,14 +78,17 @@ class MicroBatcher(Generic[T, R]):
         self._running, self._pending = [], {}
         self._executor.shutdown(wait=True)
 
-    async def submit(self, items: Sequence[T], key: Hashable = None) -> list[R]:
-        """One result per item, computed in a batch with other callers' items."""
+    async def submit(self, items: Sequence[T], key: Hashable = None, priority: int = 0
+                     ) -> list[R]:
+        """One result per item, computed in a batch with other callers' items of the same key
+        (a key's priority is the one its jobs are submitted with)."""
         if not self.alive:
             raise RuntimeError(f"{self.name} is not running")
         if not items:
             return []
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key, deque()).append(_Job(list(items), future))
+        self._priority[key] = priority
         self._wakeup.set()
         return await future
 
@@ -100,7 +105,7 @@ class MicroBatcher(Generic[T, R]):
                  or now - jobs[0].arrived >= self.max_wait_s]
         if not ready:
             return None
-        key = min(ready, key=lambda k: self._pending[k][0].arrived)
+        key = min(ready, key=lambda k: (self._priority[k], self._pending[k][0].arrived))
         jobs = self._pending[key]
         batch, size = [], 0
         while jobs and (not batch or size + len(jobs[0].items) <= self.max_batch_size):
@@ -108,7 +113,7 @@ class MicroBatcher(Generic[T, R]):
             batch.append(job)
             size += len(job.items)
         if not jobs:
-            del self._pending[key]
+            del self._pending[key], self._priority[key]
         return batch
 
     def _wait_s(self) -> float | None:

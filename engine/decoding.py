@@ -1,7 +1,12 @@
 """The VQ tokenizer's services: token grids from many concurrent generations decoded in
 micro-batches (`engine.batching`), grids of one shape together (a caller may decode only the
-top rows of a grid);
-and, for edits, input images encoded to grids the same way.
+top rows of a grid); and, for edits, input images encoded to grids the same way.
+
+A preview may have its own decoder (`preview_decoder`, the same weights in a cheaper dtype):
+a preview is shown for a moment and replaced, so it need not be the final pixels' exact
+numerics, and on a CPU it is most of streaming's cost (three previews are three whole-grid
+decodes). Previews and final grids never share a batch, and a final grid ready to decode goes
+before any preview.
 
 Batch-invariant mode pads every batch to `max_batch_size` grids: the convolution kernels
 pick their algorithm by batch size, so a grid decoded with one other grid and alone can
@@ -31,18 +36,23 @@ def stack_batch(items: list[torch.Tensor], pad_to: int | None) -> torch.Tensor:
 
 
 class DecoderService:
-    def __init__(self, decoder: VQDecoder, *, max_batch_size: int = 32,
-                 max_wait_s: float = 0.005, cpu_threads: int | None = None,
-                 on_batch: BatchObserver | None = None, invariant: bool = False):
+    def __init__(self, decoder: VQDecoder, *, preview_decoder: VQDecoder | None = None,
+                 max_batch_size: int = 32, max_wait_s: float = 0.005,
+                 cpu_threads: int | None = None, on_batch: BatchObserver | None = None,
+                 invariant: bool = False):
         self.decoder, self.cpu_threads = decoder, cpu_threads
+        self.preview_decoder = preview_decoder or decoder
         self.max_batch_size, self.invariant = max_batch_size, invariant
-        self._batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+        self.finals_in_progress = 0  # final grids submitted and not decoded yet
+        self._batcher: MicroBatcher[tuple[torch.Tensor, bool], np.ndarray] = MicroBatcher(
             self._decode, name="decoder service", max_batch_size=max_batch_size,
             max_wait_s=max_wait_s, on_batch=on_batch)
 
-    def _decode(self, grids: list[torch.Tensor]) -> Sequence[np.ndarray]:
+    def _decode(self, jobs: list[tuple[torch.Tensor, bool]]) -> Sequence[np.ndarray]:
+        grids = [grid for grid, _ in jobs]
+        decoder = self.preview_decoder if jobs[0][1] else self.decoder  # keys never mix
         batch = stack_batch(grids, self.max_batch_size if self.invariant else None)
-        return list(self.decoder.decode_uint8(batch).numpy()[: len(grids)])
+        return list(decoder.decode_uint8(batch).numpy()[: len(grids)])
 
     @property
     def alive(self) -> bool:
@@ -57,14 +67,20 @@ class DecoderService:
     async def stop(self) -> None:
         await self._batcher.stop()
 
-    async def decode(self, tokens: Sequence[int] | torch.Tensor, columns: int) -> np.ndarray:
+    async def decode(self, tokens: Sequence[int] | torch.Tensor, columns: int, *,
+                     preview: bool = False) -> np.ndarray:
         """Raster-order tokens covering whole rows of a grid `columns` wide -> uint8
-        (rows*ds, columns*ds, 3). Fewer rows than the model's grid give a preview of the top."""
+        (rows*ds, columns*ds, 3), by the preview decoder when `preview`."""
         codes = torch.as_tensor(tokens, dtype=torch.long)
         if codes.numel() == 0 or codes.numel() % columns:
             raise ValueError(f"{codes.numel()} tokens do not fill whole rows of {columns}")
         codes = codes.view(-1, columns)
-        (image,) = await self._batcher.submit([codes], key=tuple(codes.shape))
+        self.finals_in_progress += not preview
+        try:
+            (image,) = await self._batcher.submit(
+                [(codes, preview)], key=(tuple(codes.shape), preview), priority=preview)
+        finally:
+            self.finals_in_progress -= not preview
         return image
 
 

@@ -4,8 +4,13 @@ caption service for t2i models).
 One vLLM request per image (prompt = the class token or the caption's embeddings); token
 deltas stream back, previews are real decodes of the rows generated so far (in a whole grid,
 the missing rows mirrored: `preview_grid`), and the finished grid is decoded in
-micro-batches with other requests' grids. Admission control bounds the
-images in flight; a cancelled request (client gone) aborts its vLLM requests, which frees
+micro-batches with other requests' grids. Every preview asked for is sent, in order, each
+showing its own rows. Final images have the decoder first: while one waits, a preview that
+comes due waits too, vLLM runs ahead, and the previews due by the image's next output share
+one decode of all the rows known then (or show the final picture's rows, when it is done). A
+loaded server so spends its decoder on finished images, not on pictures already superseded;
+an idle one decodes each preview as it comes due. Admission control bounds the images in
+flight; a cancelled request (client gone) aborts its vLLM requests, which frees
 their KV blocks.
 """
 
@@ -14,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,7 +31,13 @@ from engine.captions import CaptionService
 from engine.conditions import Condition
 from engine.decoding import DecoderService, EncoderService
 from engine.sampling import SamplingOptions
-from engine.settings import ServiceSettings, device, has_cuda
+from engine.settings import (
+    ServiceSettings,
+    decoder_threads,
+    device,
+    has_cuda,
+    preview_dtype,
+)
 from engine.vllm_api import AsyncEngine, sampling_params
 from model_registry.model_dir import ModelDir
 
@@ -128,11 +138,15 @@ class ModelService:
             "gpu_memory_utilization": self.settings.gpu_memory_utilization / self.models_served})
         self.engine = AsyncEngine(self.model, share)
         decoder = self.model.vq_decoder(compile=self.settings.decoder_compile)
-        threads = self.settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)
+        previews = preview_dtype(self.settings.decoder_preview_dtype, decoder.dtype)
+        preview_decoder = decoder if previews == decoder.dtype else self.model.vq_decoder(
+            dtype=previews, compile=self.settings.decoder_compile)
+        threads = decoder_threads(self.settings)
         # On a CPU a decode batch buys little and, padded for invariance, costs a lot.
         batch = self.settings.decoder_max_batch or (32 if has_cuda() else 1)
         self.decoder = DecoderService(
-            decoder, max_batch_size=batch, max_wait_s=self.settings.decoder_max_wait_ms / 1000,
+            decoder, preview_decoder=preview_decoder, max_batch_size=batch,
+            max_wait_s=self.settings.decoder_max_wait_ms / 1000,
             cpu_threads=None if has_cuda() else threads, on_batch=self._observe_decode,
             invariant=self.settings.decoder_batch_invariant)
         await self.decoder.start()
@@ -265,25 +279,38 @@ class ModelService:
         params = sampling_params(self.model, options, seed, stream=True,
                                  prefix_len=len(prefix))
         prompt = condition.prompt(self.model, prefix)
-        pending_previews = preview_rows(grid, partial_images)
+        pending = preview_rows(grid, partial_images)  # rows each unsent preview shows
         tokens: list[int] = list(prefix)
         finished = False
+
+        async def send_previews(whole: np.ndarray, known_rows: int) -> None:
+            while pending and pending[0] <= known_rows:
+                k = partial_images - len(pending)
+                if k == 0:
+                    metrics.FIRST_PREVIEW.labels(self.name).observe(time.monotonic() - start)
+                await events.put(Preview(index, k, self._canvas(whole, pending.pop(0))))
+
         try:
             async for new_tokens, done in self.engine.generate(prompt, params, vllm_id):
                 tokens.extend(new_tokens)
                 finished = done
                 self.last_progress = time.monotonic()
-                while pending_previews and len(tokens) >= pending_previews[0] * grid:
-                    rows = pending_previews.pop(0)
-                    whole = await self.decoder.decode(preview_grid(tokens, rows, grid), grid)
-                    k = partial_images - len(pending_previews) - 1
-                    if k == 0:
-                        metrics.FIRST_PREVIEW.labels(self.name).observe(time.monotonic() - start)
-                    await events.put(Preview(index, k, self._canvas(whole, rows)))
+                known = len(tokens) // grid
+                if (pending and pending[0] <= known and not done
+                        and not self.decoder.finals_in_progress):
+                    # One decode, of every row known now, serves each preview due. A final
+                    # image waiting for the decoder goes first: the previews wait for a later
+                    # output (vLLM runs ahead meanwhile, and they share a decode) or for the
+                    # final picture.
+                    whole = await self.decoder.decode(preview_grid(tokens, known, grid), grid,
+                                                      preview=True)
+                    await send_previews(whole, known)
             if len(tokens) != grid * grid:
                 raise RuntimeError(f"engine returned {len(tokens)} tokens for a "
                                    f"{grid}x{grid} grid")
             pixels = await self.decoder.decode(tokens, grid)
+            # Previews that came due with the last tokens show the final picture's rows.
+            await send_previews(pixels, grid)
             seconds = time.monotonic() - start
             metrics.IMAGES_GENERATED.labels(self.name).inc()
             metrics.IMAGE_LATENCY.labels(self.name).observe(seconds)

@@ -53,6 +53,9 @@ class ServiceSettings(EngineSettings):
     decoder_threads: int | None = Field(None, ge=1, description="CPU threads for VQ decoding "
                                         "(default: a quarter of the cores, at least 1)")
     decoder_compile: bool = Field(False, description="torch.compile the decoder (CUDA)")
+    decoder_preview_dtype: DType = Field(
+        "auto", description="dtype of streamed previews' decodes (final images keep the "
+        "decoder's); auto: bfloat16 on GPUs and on CPUs that run it natively, else float32")
     text_encoder_max_batch: int = Field(32, ge=1, description="t2i: captions per T5 batch "
                                         "(prompts of concurrent requests encode together)")
     text_encoder_max_wait_ms: float = Field(2.0, ge=0, description="t2i: longest wait to "
@@ -85,5 +88,21 @@ def resolve_dtype(dtype: DType) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
+def preview_dtype(dtype: DType, final: torch.dtype) -> torch.dtype:
+    """The dtype previews decode in, given the final images' decoder dtype. On a CPU with
+    native bf16 a bf16 decode takes half the time (measured: 1.9x on the demo decoder, 2.2x on
+    VQ-16), at a mean 0.25 / 1.4 levels from fp32: invisible in a picture shown for a moment."""
+    if dtype != "auto":
+        return TORCH_DTYPES[dtype]
+    if has_cuda():
+        return final
+    return torch.bfloat16 if cpu_has_native_bf16() else final
+
+
 def cpu_threads(settings: EngineSettings) -> int:
     return settings.cpu_threads or len(os.sched_getaffinity(0))
+
+
+def decoder_threads(settings: ServiceSettings) -> int:
+    """CPU threads for VQ decoding (a bf16 decode's pixels depend on the thread count)."""
+    return settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)

@@ -4,7 +4,9 @@ the browser, and the deployment's metric names. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.conditions import Condition
 from engine.sampling import SamplingOptions
@@ -100,10 +103,21 @@ def random_prefix(model: ModelDir, length: int, seed: int) -> list[int]:
     return torch.randint(0, model.gpt.vocab_size, (length,), generator=g).tolist()
 
 
-def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:
+def pixels_close(a: np.ndarray, b: np.ndarray) -> bool:
     """The golden tolerance: at most 1 level off, in at most 0.1% of the values."""
     diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
+    return bool(diff.max() <= 1 and (diff > 0).mean() <= 1e-3)
+
+
+def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert pixels_close(a, b), (diff.max(), (diff > 0).mean())
+
+
+def decode_b64(b64: str) -> tuple[Image.Image, bytes]:
+    """A response's base64 image -> (the picture, its file's bytes)."""
+    data = base64.b64decode(b64)
+    return Image.open(io.BytesIO(data)), data
 
 
 # ---- the CLI ----

@@ -65,11 +65,13 @@ def test_previews_show_the_final_images_colours():
     """A preview decodes its rows inside a whole grid (the rest mirrored): its rows then look
     like the final image's same rows. Bounds from measurement (20 demo images, 3 seeds,
     previews at 2, 4, 6 of 8 rows; mean absolute difference in levels): mirrored 16.5-20.3,
-    9.2-10.4, 4.3-4.7; the top rows decoded alone 20.5-23.4, 13.7-15.4, 7.0-7.6."""
+    9.2-10.4, 4.3-4.7; the top rows decoded alone 20.5-23.4, 13.7-15.4, 7.0-7.6. Previews
+    decode as the server's do, by the preview decoder (bf16 on CPUs with native bf16)."""
     import numpy as np
     import torch
 
     from engine.service import preview_grid, preview_rows
+    from engine.settings import preview_dtype
     from model_registry.generate import generate
 
     model = load_model_dir(DEMO_MODEL)
@@ -78,10 +80,11 @@ def test_previews_show_the_final_images_colours():
                       top_k=2000, generator=torch.Generator().manual_seed(0))
     decoder = model.vq_decoder(device="cpu", dtype=torch.float32)
     final = decoder.decode_uint8(tokens.view(-1, grid, grid)).numpy().astype(int)
+    previews = model.vq_decoder(device="cpu", dtype=preview_dtype("auto", torch.float32))
     bounds = {2: 21.0, 4: 12.0, 6: 6.0}
     assert preview_rows(grid, 3) == list(bounds)
     for rows, bound in bounds.items():
         grids = torch.tensor([preview_grid(t, rows, grid) for t in tokens.tolist()])
-        shown = decoder.decode_uint8(grids.view(-1, grid, grid)).numpy()[:, : rows * ds]
+        shown = previews.decode_uint8(grids.view(-1, grid, grid)).numpy()[:, : rows * ds]
         difference = np.abs(shown.astype(int) - final[:, : rows * ds]).mean()
         assert difference <= bound, (rows, difference)

@@ -2,7 +2,8 @@
 each runs in a second): a failing decode or caption encode fails only the requests it
 touched, with a 500 that carries the request id; a dead worker turns /health to 503; a
 passed deadline aborts with a 504; a dead engine is a 503 envelope, /ready fails and the
-server is asked to stop. The real engine killed under load is in test_faults_server.py."""
+server is asked to stop; a decoder that lags behind the engine still sends every preview,
+from fewer decodes. The real engine killed under load is in test_faults_server.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -23,13 +25,18 @@ from engine.vllm_api import EngineDead
 from server.app import create_app, watch_engines
 from server.settings import ServerSettings
 
+from .helpers import decode_b64
+
 
 class StandInEngine:
     """engine.vllm_api.AsyncEngine's interface: a whole grid of the class id at once, or a
-    wait that never ends ("hang"), or a dead engine core ("dead")."""
+    wait that never ends ("hang"), or a dead engine core ("dead"); or ("chunks") varied
+    codes, delivered as the rows known at each output in `chunks` (vLLM merges the deltas a
+    slow consumer has not taken yet into one output)."""
 
-    def __init__(self, grid: int, vocab: int, mode: str = "ok"):
-        self.grid, self.vocab, self.mode = grid, vocab, mode
+    def __init__(self, grid: int, vocab: int, mode: str = "ok",
+                 chunks: tuple[int, ...] = ()):
+        self.grid, self.vocab, self.mode, self.chunks = grid, vocab, mode, chunks
         self.errored = False
         self.dtype = torch.float32
         self.cancelled: list[str] = []  # requests whose generation was closed unfinished
@@ -43,6 +50,13 @@ class StandInEngine:
             if self.mode == "hang":
                 await asyncio.sleep(3600)
             label = prompt["prompt_token_ids"][0] - self.vocab
+            if self.mode == "chunks":
+                codes = [(label + 7 * i) % self.vocab for i in range(self.grid ** 2)]
+                sent = 0
+                for rows in self.chunks:
+                    yield codes[sent:rows * self.grid], rows == self.grid
+                    sent = rows * self.grid
+                return
             yield [label] * self.grid * self.grid, True
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.append(request_id)  # AsyncLLM aborts the request here
@@ -62,7 +76,8 @@ Scenario = Callable[[httpx.AsyncClient, ModelService, Any], Awaitable[None]]
 
 
 def run_app(model, scenario: Scenario, *, mode: str = "ok", timeout_s: float = 60,
-            fail_label: int | None = None, **settings_: Any) -> None:
+            fail_label: int | None = None, chunks: tuple[int, ...] = (),
+            **settings_: Any) -> None:
     """The real app and ModelService with a stand-in engine and a real decoder service whose
     decode fails for grids of `fail_label`."""
     settings = ServerSettings(model=[model.path], request_timeout_s=timeout_s, c2pa=False,
@@ -72,7 +87,7 @@ def run_app(model, scenario: Scenario, *, mode: str = "ok", timeout_s: float = 6
 
     async def main() -> None:
         service = ModelService(model, settings)
-        service.engine = StandInEngine(model.grid_size, model.gpt.vocab_size, mode)
+        service.engine = StandInEngine(model.grid_size, model.gpt.vocab_size, mode, chunks)
         decoder = model.vq_decoder(device="cpu", dtype=torch.float32)
         real = decoder.decode_uint8
 
@@ -165,6 +180,50 @@ def test_a_failing_caption_encode_fails_only_its_request_and_a_dead_worker_shows
         await captions.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("chunks", [(4, 8, 12, 16), (4, 13, 16), (4, 16), (16,)])
+def test_previews_due_together_share_one_decode(tiny_model, chunks):
+    """A decoder slower than the engine: every preview is still sent, in order, each showing
+    its own rows (4, 8 and 12 of 16); those that came due at one engine output share one
+    decode of all the rows known then, and those due with the last tokens show the final
+    picture's."""
+    from engine.service import preview_grid
+
+    grid, ds = tiny_model.grid_size, tiny_model.image_size // tiny_model.grid_size
+    decoded: list[torch.Tensor] = []
+
+    async def scenario(client, service, state):
+        decoder = service.decoder.decoder
+        real = decoder.decode_uint8
+
+        def decode(codes: torch.Tensor) -> torch.Tensor:
+            decoded.append(codes.clone())
+            return real(codes)
+
+        decoder.decode_uint8 = decode
+        response = await client.post("/v1/generate", json={
+            "labels": [5], "stream": True, "partial_images": 3, "return_tokens": True})
+        events = [json.loads(line[5:]) for line in response.text.splitlines()
+                  if line.startswith("data:")]
+        assert [e["type"] for e in events] == ["partial_image"] * 3 + ["image", "done"]
+        tokens = events[3]["tokens"]
+        final = real(torch.tensor(tokens).view(1, grid, grid)).numpy()[0]
+        assert (np.asarray(decode_b64(events[3]["b64_json"])[0]) == final).all()
+        known_at = {rows: next(c for c in chunks if c >= rows) for rows in (4, 8, 12)}
+        previews = sorted(set(known_at.values()) - {grid})
+        # One decode per engine output that brought previews due, plus the final image.
+        assert [d.view(-1).tolist() for d in decoded] == [
+            preview_grid(tokens, known, grid) for known in previews] + [tokens]
+        for event, rows in zip(events[:3], (4, 8, 12), strict=True):
+            known = known_at[rows]
+            source = final if known == grid else real(
+                torch.tensor(preview_grid(tokens, known, grid)).view(1, grid, grid)).numpy()[0]
+            picture = np.asarray(decode_b64(event["b64_json"])[0])
+            assert (picture[:rows * ds] == source[:rows * ds]).all()
+            assert (picture[rows * ds:] == 128).all()
+
+    run_app(tiny_model, scenario, mode="chunks", chunks=chunks)
 
 
 def test_a_passed_deadline_aborts_the_generation_with_504(tiny_model):

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -134,6 +135,48 @@ def test_service_micro_batches_and_matches_one_by_one(golden_expected, golden_de
         assert results[4 + i].shape == (80, 256, 3)
         assert_pixels_close(results[4 + i],
                             golden_decoder.decode_uint8(codes[i: i + 1, :5]).numpy()[0])
+
+
+def test_previews_use_their_decoder_and_wait_behind_final_grids(golden_expected,
+                                                               golden_decoder):
+    """Previews decode by the preview decoder; of the work waiting, final grids go first
+    (whatever arrived earlier), and the previews then batch together."""
+    codes = golden_codes(golden_expected)
+    order: list[str] = []
+    running = threading.Event()  # the first batch holds the worker until the rest wait
+
+    class Recording:
+        device = golden_decoder.device
+
+        def __init__(self, name: str):
+            self.name = name
+
+        def decode_uint8(self, batch: torch.Tensor) -> torch.Tensor:
+            order.append(f"{self.name}x{len(batch)}")
+            running.wait(timeout=30)
+            return golden_decoder.decode_uint8(batch)
+
+    async def run() -> list[np.ndarray]:
+        service = DecoderService(Recording("final"), preview_decoder=Recording("preview"),
+                                 max_batch_size=4, max_wait_s=0.01)
+        await service.start()
+        try:
+            first = asyncio.ensure_future(service.decode(codes[0].flatten(), 16))
+            while not order:
+                await asyncio.sleep(0.01)
+            later = [asyncio.ensure_future(service.decode(codes[i].flatten(), 16,
+                                                          preview=True)) for i in (1, 2)]
+            later.append(asyncio.ensure_future(service.decode(codes[3].flatten(), 16)))
+            await asyncio.sleep(0.1)  # all three wait, the previews longest
+            running.set()
+            return await asyncio.gather(first, *later)
+        finally:
+            await service.stop()
+
+    results = asyncio.run(run())
+    assert order == ["finalx1", "finalx1", "previewx2"]
+    for i, pixels in enumerate(results):
+        assert_pixels_close(pixels, golden_decoder.decode_uint8(codes[i: i + 1]).numpy()[0])
 
 
 def test_invariant_batches_decode_a_grid_the_same_whatever_else_is_in_flight(

@@ -1,8 +1,10 @@
 """Token grids to pixels: the VQ decoder path, placed on the best device, plus the original's
 uint8 conversion.
 
-On CUDA the decoder runs in bf16 (fp16 where bf16 is missing) with channels_last memory and,
-optionally, `torch.compile`; on CPU it runs in fp32 (the golden pixels are defined there).
+On CUDA the decoder runs in bf16 (fp16 where bf16 is missing) and, optionally, `torch.compile`;
+on CPU it runs in fp32 (the golden pixels are defined there). Both use channels_last memory:
+oneDNN's and cuDNN's fastest convolutions want it (on CPU, fp32, one thread: 1.33x on the demo
+decoder, 1.04x on VQ-16 at 256 px; the golden pixels are unchanged).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class VQDecoder:
 
     def __init__(self, config: VQConfig, state_dict: dict[str, torch.Tensor], *,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 compile: bool = False, channels_last: bool | None = None):
+                 compile: bool = False, channels_last: bool = True):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
@@ -48,8 +50,7 @@ class VQDecoder:
         model.load_state_dict(state_dict, assign=True, strict=True)
         model.encoder = None  # serving decodes only
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.channels_last = self.device.type == "cuda" if channels_last is None \
-            else channels_last
+        self.channels_last = channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._decode = torch.compile(self._forward, dynamic=False) if compile \
