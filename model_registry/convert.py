@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from datetime import UTC, datetime
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from model_registry.text_encoder import T5_MAX_LENGTH, text_encoder_section
 from vq_decoder.vq_model import VQConfig, VQModel
 
 
+@cache  # read once: every image's provenance names it
 def software_version() -> str:
     try:
         return version("llamagen-serve")
