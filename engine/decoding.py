@@ -43,7 +43,6 @@ class DecoderService:
         self.decoder, self.cpu_threads = decoder, cpu_threads
         self.preview_decoder = preview_decoder or decoder
         self.max_batch_size, self.invariant = max_batch_size, invariant
-        self.finals_in_progress = 0  # final grids submitted and not decoded yet
         self._batcher: MicroBatcher[tuple[torch.Tensor, bool], np.ndarray] = MicroBatcher(
             self._decode, name="decoder service", max_batch_size=max_batch_size,
             max_wait_s=max_wait_s, on_batch=on_batch)
@@ -75,12 +74,8 @@ class DecoderService:
         if codes.numel() == 0 or codes.numel() % columns:
             raise ValueError(f"{codes.numel()} tokens do not fill whole rows of {columns}")
         codes = codes.view(-1, columns)
-        self.finals_in_progress += not preview
-        try:
-            (image,) = await self._batcher.submit(
-                [(codes, preview)], key=(tuple(codes.shape), preview), priority=preview)
-        finally:
-            self.finals_in_progress -= not preview
+        (image,) = await self._batcher.submit(
+            [(codes, preview)], key=(tuple(codes.shape), preview), priority=preview)
         return image
 
 

@@ -4,14 +4,12 @@ caption service for t2i models).
 One vLLM request per image (prompt = the class token or the caption's embeddings); token
 deltas stream back, previews are real decodes of the rows generated so far (in a whole grid,
 the missing rows mirrored: `preview_grid`), and the finished grid is decoded in
-micro-batches with other requests' grids. Every preview asked for is sent, in order, each
-showing its own rows. Final images have the decoder first: while one waits, a preview that
-comes due waits too, vLLM runs ahead, and the previews due by the image's next output share
-one decode of all the rows known then (or show the final picture's rows, when it is done). A
-loaded server so spends its decoder on finished images, not on pictures already superseded;
-an idle one decodes each preview as it comes due. Admission control bounds the images in
-flight; a cancelled request (client gone) aborts its vLLM requests, which frees
-their KV blocks.
+micro-batches with other requests' grids. Every preview asked for is sent, in order, each showing
+its own rows. Final grids go before previews in the decoder's queue; when the decoder lags,
+vLLM runs ahead, and the previews that came due meanwhile share one decode of all the rows
+known then (or show the final picture's rows, when it is done): a loaded server spends no
+decode on a picture already superseded. Admission control bounds the images in flight; a
+cancelled request (client gone) aborts its vLLM requests, which frees their KV blocks.
 """
 
 from __future__ import annotations
@@ -296,12 +294,9 @@ class ModelService:
                 finished = done
                 self.last_progress = time.monotonic()
                 known = len(tokens) // grid
-                if (pending and pending[0] <= known and not done
-                        and not self.decoder.finals_in_progress):
-                    # One decode, of every row known now, serves each preview due. A final
-                    # image waiting for the decoder goes first: the previews wait for a later
-                    # output (vLLM runs ahead meanwhile, and they share a decode) or for the
-                    # final picture.
+                if pending and pending[0] <= known and not done:
+                    # One decode, of every row known now, serves each preview due: when
+                    # the decoder lags, vLLM runs ahead and several come due at once.
                     whole = await self.decoder.decode(preview_grid(tokens, known, grid), grid,
                                                       preview=True)
                     await send_previews(whole, known)

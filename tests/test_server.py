@@ -58,6 +58,11 @@ def server(served_model, tmp_path_factory):
                        "--max-num-seqs", "8", "--max-queued-images", "12",
                        "--max-body-bytes", "4096", "--drain-timeout-s", "60",
                        "--max-upload-bytes", "200000",
+                       # fp32 previews: the preview test below compares them with its own
+                       # decodes, and a bf16 decode depends on the thread count, which this
+                       # process cannot set once an in-process vLLM engine has run in it
+                       # (vLLM's CPU worker replaces torch.set_num_threads with a no-op).
+                       "--decoder-preview-dtype", "float32",
                        "--decoder-max-batch", "4") as proc:
         yield proc
 
@@ -207,11 +212,11 @@ def test_native_api_labels_tokens_and_names(server, served_model):
 
 def test_native_stream_previews_are_decodes_of_the_rows_so_far(server, served_model):
     """Each preview shows its rows of a whole-grid decode (the rows not generated yet
-    mirrored, engine.service.preview_grid) by the preview decoder, grey below."""
+    mirrored, engine.service.preview_grid), grey below. (bf16 previews: tests/test_demo.py,
+    tests/test_vq_decoder.py.)"""
     import torch
 
     from engine.service import preview_grid
-    from engine.settings import ServiceSettings, decoder_threads, preview_dtype
 
     body = {"labels": [4], "stream": True, "partial_images": 2, "seed": 9,
             "return_tokens": True}
@@ -221,22 +226,16 @@ def test_native_stream_previews_are_decodes_of_the_rows_so_far(server, served_mo
         events = [json.loads(line[5:]) for line in response.iter_lines()
                   if line.startswith("data:")]
     assert [e["type"] for e in events] == ["partial_image", "partial_image", "image", "done"]
-    decoder = served_model.vq_decoder(device="cpu",
-                                      dtype=preview_dtype("auto", torch.float32))
+    decoder = served_model.vq_decoder(device="cpu", dtype=torch.float32)
     tokens, final = events[2]["tokens"], np.asarray(decode_b64(events[2]["b64_json"])[0])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(decoder_threads(ServiceSettings()))  # bf16: as the server does
-    try:
-        for event, rows in zip(events[:2], (5, 10), strict=True):  # 1/3, 2/3 of 16 rows
-            preview = np.asarray(decode_b64(event["b64_json"])[0])
-            # Decoded from the rows known when it came due: its own, more if vLLM ran ahead
-            # of the decoder, or the final picture if it came due with the last tokens.
-            sources = [final] + [decoder.decode_uint8(torch.tensor(preview_grid(
-                tokens, known, 16)).view(1, 16, 16)).numpy()[0] for known in range(rows, 16)]
-            assert any(pixels_close(preview[: rows * 16], s[: rows * 16]) for s in sources)
-            assert (preview[rows * 16:] == 128).all()  # not generated yet: grey
-    finally:
-        torch.set_num_threads(threads)
+    for event, rows in zip(events[:2], (5, 10), strict=True):  # 1/3 and 2/3 of 16 rows
+        preview = np.asarray(decode_b64(event["b64_json"])[0])
+        # Decoded from the rows known when it came due: its own, more if vLLM ran ahead of
+        # the decoder, or the final picture if it came due with the last tokens.
+        sources = [final] + [decoder.decode_uint8(torch.tensor(preview_grid(
+            tokens, known, 16)).view(1, 16, 16)).numpy()[0] for known in range(rows, 16)]
+        assert any(pixels_close(preview[: rows * 16], s[: rows * 16]) for s in sources)
+        assert (preview[rows * 16:] == 128).all()  # not generated yet: grey
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
