@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,13 +30,7 @@ from engine.captions import CaptionService
 from engine.conditions import Condition
 from engine.decoding import DecoderService, EncoderService
 from engine.sampling import SamplingOptions
-from engine.settings import (
-    ServiceSettings,
-    decoder_threads,
-    device,
-    has_cuda,
-    preview_dtype,
-)
+from engine.settings import ServiceSettings, device, has_cuda, preview_dtype
 from engine.vllm_api import AsyncEngine, sampling_params
 from model_registry.model_dir import ModelDir
 
@@ -139,7 +134,7 @@ class ModelService:
         previews = preview_dtype(self.settings.decoder_preview_dtype, decoder.dtype)
         preview_decoder = decoder if previews == decoder.dtype else self.model.vq_decoder(
             dtype=previews, compile=self.settings.decoder_compile)
-        threads = decoder_threads(self.settings)
+        threads = self.settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)
         # On a CPU a decode batch buys little and, padded for invariance, costs a lot.
         batch = self.settings.decoder_max_batch or (32 if has_cuda() else 1)
         self.decoder = DecoderService(

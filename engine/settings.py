@@ -102,7 +102,3 @@ def preview_dtype(dtype: DType, final: torch.dtype) -> torch.dtype:
 def cpu_threads(settings: EngineSettings) -> int:
     return settings.cpu_threads or len(os.sched_getaffinity(0))
 
-
-def decoder_threads(settings: ServiceSettings) -> int:
-    """CPU threads for VQ decoding (a bf16 decode's pixels depend on the thread count)."""
-    return settings.decoder_threads or max(1, len(os.sched_getaffinity(0)) // 4)
