@@ -81,9 +81,13 @@ class Reservation:
         self.release()
 
 
-def preview_rows(grid: int, partial_images: int) -> list[int]:
-    """Rows shown by each preview: evenly spaced fractions k/(p+1) of the grid."""
-    return [max(1, grid * k // (partial_images + 1)) for k in range(1, partial_images + 1)]
+def preview_rows(grid: int, partial_images: int, known_rows: int = 0) -> list[int]:
+    """Rows shown by each preview: evenly spaced fractions k/(p+1) of the rows still to
+    generate below the `known_rows` a completion starts from (an edit's previews each show
+    some of its new rows, not only the kept ones)."""
+    left = grid - known_rows
+    return [known_rows + max(1, left * k // (partial_images + 1))
+            for k in range(1, partial_images + 1)]
 
 
 def preview_grid(tokens: Sequence[int], rows: int, grid: int) -> list[int]:
@@ -272,7 +276,8 @@ class ModelService:
         params = sampling_params(self.model, options, seed, stream=True,
                                  prefix_len=len(prefix))
         prompt = condition.prompt(self.model, prefix)
-        pending = preview_rows(grid, partial_images)  # rows each unsent preview shows
+        # Rows each unsent preview shows.
+        pending = preview_rows(grid, partial_images, len(prefix) // grid)
         tokens: list[int] = list(prefix)
         finished = False
 

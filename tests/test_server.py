@@ -478,6 +478,11 @@ def test_openai_client_edit_streams_edit_events(client, source_image):
     assert events[-1].model_extra["kept_rows"] == 8  # the default: half the grid
     for e in events:
         assert decode_b64(e.b64_json)[0].size == (256, 256)
+    # The previews show new rows: rows 8-15 are redrawn, previews at rows 10 and 13 (16 px
+    # each), grey below.
+    for e, rows in zip(events, [10, 13], strict=False):
+        pixels = np.asarray(decode_b64(e.b64_json)[0])
+        assert (pixels[rows * 16:] == 128).all() and (pixels[rows * 16 - 16:rows * 16] != 128).any()
 
 
 def test_edits_count_their_encoder_time(server):

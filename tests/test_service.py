@@ -71,3 +71,7 @@ def test_preview_rows_are_evenly_spaced():
     assert preview_rows(8, 3) == [2, 4, 6]
     assert preview_rows(2, 3) == [1, 1, 1]
     assert preview_rows(16, 0) == []
+    # A completion's previews are spread over the rows it generates.
+    assert preview_rows(8, 3, known_rows=4) == [5, 6, 7]
+    assert preview_rows(16, 1, known_rows=8) == [12]
+    assert preview_rows(8, 3, known_rows=7) == [8, 8, 8]  # with the final image
