@@ -32,6 +32,39 @@ def page(server):
         browser.close()
 
 
+# Record every class change of the tiles, from the page itself: the demo model draws an
+# image in well under a second, faster than a test can poll the page (a preview shown for
+# 100 ms was missed by Playwright's wait), so the test reads the page's own history.
+RECORD_TILES = """() => {
+    window.__tileChanges = [];
+    window.__tileObserver?.disconnect();
+    window.__tileObserver = new MutationObserver((records) => {
+        for (const r of records)
+            if (r.target.matches('figure.tile'))
+                window.__tileChanges.push([Number(r.target.dataset.index), r.oldValue]);
+    });
+    window.__tileObserver.observe(document.getElementById('tiles'),
+        {subtree: true, attributes: true, attributeFilter: ['class'], attributeOldValue: true});
+}"""
+# A tile's classes after each change: three previews (one per partial image, the class set
+# again each time), then finished.
+PREVIEWED_THEN_DONE = ["tile preview"] * 3 + ["tile", "tile done"]
+
+
+def record_tiles(page) -> None:
+    page.evaluate(RECORD_TILES)
+
+
+def tile_states(page) -> list[list[str]]:
+    """Per tile, its class after each change since `record_tiles` (a record holds the value
+    before its change; the last change's result is the tile's class now)."""
+    changes = page.evaluate("window.__tileChanges")
+    now = page.evaluate("Array.from(document.querySelectorAll('#tiles figure.tile'))"
+                        ".map((t) => t.className)")
+    before = [[old for i, old in changes if i == index] for index in range(len(now))]
+    return [[*olds[1:], current] for olds, current in zip(before, now, strict=True)]
+
+
 def test_page_generates_with_previews_and_shows_errors(page, server):
     from playwright.sync_api import expect
 
@@ -47,29 +80,16 @@ def test_page_generates_with_previews_and_shows_errors(page, server):
     assert page.evaluate("localStorage.getItem('llamagen.apiKey')") == API_KEY
     expect(page.locator("#classes option")).to_have_count(10)
 
-    # Record the order in which tiles get previews and finish.
-    page.evaluate("""() => {
-        window.__events = [];
-        new MutationObserver((records) => {
-            for (const r of records) {
-                if (r.attributeName === 'class')
-                    window.__events.push(r.target.className);
-            }
-        }).observe(document.getElementById('tiles'),
-                   {subtree: true, attributes: true, attributeFilter: ['class']});
-    }""")
+    record_tiles(page)
     page.get_by_label("Class", exact=True).fill("yellow star")
     page.get_by_label("Images", exact=True).fill("2")
     page.get_by_label("Seed", exact=True).fill("5")
     page.keyboard.press("Enter")  # keyboard-operable: submit from the form
-    page.wait_for_selector("figure.tile.preview", timeout=60_000)
-    page.screenshot(path=str(ARTIFACTS / "playground-mid-generation.png"))
-    if os.environ.get("LLAMAGEN_DOCS_SCREENSHOT"):
+    if os.environ.get("LLAMAGEN_DOCS_SCREENSHOT"):  # docs/playground.png: catch a preview
+        page.wait_for_selector("figure.tile.preview", timeout=60_000)
         page.screenshot(path=os.environ["LLAMAGEN_DOCS_SCREENSHOT"])
     expect(page.locator("figure.tile.done")).to_have_count(2, timeout=60_000)
-    events = page.evaluate("window.__events")
-    assert any("preview" in e and "done" not in e for e in events[: events.index(
-        next(e for e in events if "done" in e))]), events  # a preview came before completion
+    assert tile_states(page) == [PREVIEWED_THEN_DONE] * 2  # every preview before completion
     sizes = page.evaluate("""() => Array.from(document.querySelectorAll('figure.tile.done img'))
         .map((img) => [img.naturalWidth, img.naturalHeight])""")
     assert sizes == [[64, 64], [64, 64]]
@@ -119,9 +139,10 @@ def test_page_edits_a_generated_image_and_an_upload(page, tmp_path):
     page.keyboard.press("ArrowLeft")
     expect(page.locator("#edit-row-value")).to_have_text("4")
     page.get_by_label("Class", exact=True).fill("red circle")
+    record_tiles(page)
     page.get_by_role("button", name="Redraw").click()
-    page.wait_for_selector("figure.tile.preview", timeout=60_000)  # redrawn live
     expect(page.locator("figure.tile.done")).to_have_count(2, timeout=60_000)
+    assert tile_states(page) == [PREVIEWED_THEN_DONE] * 2  # redrawn live
     expect(page.locator("figure.tile.done figcaption").first).to_contain_text("kept 4 rows")
     expect(page.locator("#status")).to_contain_text("Done: 2 edits")
     page.screenshot(path=str(ARTIFACTS / "playground-edit.png"))

@@ -177,6 +177,7 @@ async function generate(event) {
   $("status").textContent = `Generating ${n} image${n > 1 ? "s" : ""} of “${prompt}”…`;
   const started = performance.now();
   running += 1;
+  pollMetrics();  // the panel shows the load at once, then at the faster rate
   try {
     const response = await fetch("/v1/generate", {
       method: "POST", headers: headers(), body: JSON.stringify(request),
@@ -270,6 +271,7 @@ async function redraw() {
   $("status").textContent = `Redrawing rows ${row}–${edit.grid - 1} as “${prompt}”…`;
   const started = performance.now();
   running += 1;
+  pollMetrics();  // the panel shows the load at once, then at the faster rate
   try {
     const response = await fetch("/v1/images/edits", {
       method: "POST", headers: authHeaders(), body: form,
@@ -325,7 +327,13 @@ function parseMetrics(text) {
   return { done: sum("llamagen_images_generated_total"), queue: sum("llamagen_queue_depth") };
 }
 
+let pollTimer = 0;
+let polling = false;
+
 async function pollMetrics() {
+  clearTimeout(pollTimer);
+  if (polling) return;  // the poll in flight schedules the next one
+  polling = true;
   try {
     const response = await fetch("/metrics");
     if (response.ok) {
@@ -341,8 +349,10 @@ async function pollMetrics() {
     }
   } catch {
     // the panel is best-effort; the next poll retries
+  } finally {
+    polling = false;
   }
-  setTimeout(pollMetrics, running > 0 ? 500 : 2000);
+  pollTimer = setTimeout(pollMetrics, running > 0 ? 500 : 2000);
 }
 
 window.addEventListener("DOMContentLoaded", () => {
