@@ -192,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.out_dir:
         writer = ImageWriter(model, options, args.format, args.compression,
                              ContentCredentials.from_settings(signing))
-        images = writer.save(tokens, conditions, seeds, Path(args.out_dir))
+        images = writer.save(tokens, conditions, seeds, Path(args.out_dir), prefixes=prefixes)
     described = ({"prompts": [c.caption for c in conditions]} if model.is_t2i
                  else {"labels": labels})
     print(json.dumps({**described, "seeds": None if all(s is None for s in seeds) else seeds,

@@ -205,6 +205,13 @@ class ContentCredentials:
                         "softwareAgent": agent,
                         "description": "token rows below the kept ones redrawn by "
                                        "autoregressive completion"}]
+        elif "edit" in record:
+            # A completion of image tokens the client gave: no input file to cite, so a
+            # creation whose source type says part of it was given (a composite).
+            actions = [{"action": "c2pa.created", "digitalSourceType": EDITED_SOURCE_TYPE,
+                        "softwareAgent": agent,
+                        "description": f"completes {record['edit']['kept_tokens']} given "
+                                       "image tokens by autoregressive generation"}]
         else:
             actions = [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
                         "softwareAgent": agent}]

@@ -42,6 +42,14 @@ class EditSource:
                 "source_sha256": self.sha256}
 
 
+def prefix_record(prefix: Sequence[int], grid_tokens: int) -> dict[str, Any]:
+    """A completion of given image tokens (no input file): how many it starts from, and
+    their sha256 (of the list as compact JSON, "[1,2,3]") to match them against a claim."""
+    given = "[" + ",".join(str(int(t)) for t in prefix) + "]"
+    return {"kept_tokens": len(prefix), "grid_tokens": grid_tokens,
+            "prefix_sha256": hashlib.sha256(given.encode()).hexdigest()}
+
+
 @dataclass(frozen=True)
 class ImageWriter:
     """Encodes the images of one request: its model, sampling settings and output format."""
@@ -53,17 +61,24 @@ class ImageWriter:
     credentials: ContentCredentials | None = None  # None: unsigned
     edit: EditSource | None = None  # an edit's images: what they were edited from
 
-    def provenance(self, condition: Condition, seed: int | None) -> dict[str, Any]:
+    def provenance(self, condition: Condition, seed: int | None, prefix: Sequence[int] = ()
+                   ) -> dict[str, Any]:
+        """`prefix`: the given image tokens a completion starts from (without an input file:
+        an edit's writer records its file instead)."""
+        if self.edit is not None:
+            edit = self.edit.recorded()
+        else:
+            edit = prefix_record(prefix, self.model.gpt.block_size) if prefix else None
         return provenance(model=self.model.name, checkpoint_sha256=self.model.gpt_sha256,
                           seed=seed, sampling=self.options.recorded(),
-                          software=f"llamagen-serve {software_version()}",
-                          edit=None if self.edit is None else self.edit.recorded(),
+                          software=f"llamagen-serve {software_version()}", edit=edit,
                           **condition.describe(self.model))
 
-    def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
+    def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None,
+               prefix: Sequence[int] = ()) -> bytes:
         """uint8 (H, W, 3) -> the file's bytes, carrying the image's provenance (signed when
         the writer has credentials; raises SigningError if that fails)."""
-        record = self.provenance(condition, seed)
+        record = self.provenance(condition, seed, prefix)
         data = encode_image(pixels, self.format, metadata=record, compression=self.compression)
         if self.credentials is None:
             return data
@@ -73,9 +88,10 @@ class ImageWriter:
                                      ingredient=(self.edit.data, self.edit.media_type))
 
     def save(self, tokens: Sequence[Sequence[int]], conditions: Sequence[Condition],
-             seeds: Sequence[int | None], out_dir: Path, batch_size: int = 32) -> list[Path]:
+             seeds: Sequence[int | None], out_dir: Path, batch_size: int = 32,
+             prefixes: Sequence[Sequence[int]] | None = None) -> list[Path]:
         """Decode token grids and write exactly one file per image, `{index:04d}_{label}.{ext}`
-        (c2i) or `{index:04d}.{ext}` (t2i)."""
+        (c2i) or `{index:04d}.{ext}` (t2i); `prefixes`: the given tokens each completed."""
         decoder = self.model.vq_decoder()
         grid = self.model.grid_size
         extension = IMAGE_FORMATS[self.format].extension
@@ -88,6 +104,7 @@ class ImageWriter:
                 condition = conditions[i]
                 stem = f"{i:04d}" if condition.label is None else f"{i:04d}_{condition.label}"
                 path = out_dir / f"{stem}.{extension}"
-                path.write_bytes(self.encode(pixels, condition, seeds[i]))
+                prefix = prefixes[i] if prefixes is not None else ()
+                path.write_bytes(self.encode(pixels, condition, seeds[i], prefix))
                 paths.append(path)
         return paths

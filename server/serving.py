@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
@@ -149,17 +149,19 @@ class ServingRequest:
         except EngineDead:
             raise ServiceError.engine_unavailable() from None
 
-    async def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> bytes:
+    async def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None,
+                     prefix: Sequence[int] = ()) -> bytes:
         # Off the event loop: PNG compression and signing take milliseconds.
         try:
-            return await asyncio.to_thread(self.writer.encode, pixels, condition, seed)
+            return await asyncio.to_thread(self.writer.encode, pixels, condition, seed, prefix)
         except SigningError:
             log.exception("image signing failed", extra={"request_id": self.request_id})
             raise ServiceError(500, "image signing failed; the image was not delivered",
                                type="server_error", code="signing_failed") from None
 
-    async def b64(self, pixels: np.ndarray, condition: Condition, seed: int | None) -> str:
-        return base64.b64encode(await self.encode(pixels, condition, seed)).decode()
+    async def b64(self, pixels: np.ndarray, condition: Condition, seed: int | None,
+                  prefix: Sequence[int] = ()) -> str:
+        return base64.b64encode(await self.encode(pixels, condition, seed, prefix)).decode()
 
     def usage(self, conditions: list[Condition], prefix_len: int = 0) -> Usage:
         """Input tokens: the class token, or the caption's T5 tokens, plus an edit's kept
@@ -484,28 +486,31 @@ class ServingNative(ServingRequest):
                       prefixes: list[list[int]] | None) -> AsyncIterator[dict[str, str]]:
         async for event in self.generate(conditions, body.partial_images, prefixes):
             if isinstance(event, Preview):
-                b64 = await self.b64(event.pixels, conditions[event.index], None)
+                b64 = await self.b64(event.pixels, conditions[event.index], None,
+                                     prefixes[event.index] if prefixes else ())
                 yield sse({"type": "partial_image", "image_index": event.index,
                            "partial_image_index": event.partial_index, "b64_json": b64})
             else:
-                image = await self._image(body, event)
+                image = await self._image(body, event, prefixes)
                 yield sse({"type": "image", **image.model_dump(exclude_none=True)})
         yield sse({"type": "done", "id": self.request_id, "model": self.service.name})
 
     async def _images(self, body: NativeGenerateRequest, conditions: list[Condition],
                       prefixes: list[list[int]] | None) -> list[NativeImage]:
-        images = [await self._image(body, event)
+        images = [await self._image(body, event, prefixes)
                   async for event in self.generate(conditions, prefixes=prefixes)
                   if isinstance(event, Finished)]
         return sorted(images, key=lambda image: image.index)
 
-    async def _image(self, body: NativeGenerateRequest, event: Finished) -> NativeImage:
+    async def _image(self, body: NativeGenerateRequest, event: Finished,
+                     prefixes: list[list[int]] | None) -> NativeImage:
         label = event.condition.label
+        prefix = prefixes[event.index] if prefixes else ()
         return NativeImage(
             index=event.index, class_label=label,
             class_name=None if label is None else self.model.class_names[label],
             prompt=event.condition.caption, seed=event.seed,
-            b64_json=await self.b64(event.pixels, event.condition, event.seed),
+            b64_json=await self.b64(event.pixels, event.condition, event.seed, prefix),
             tokens=event.tokens if body.return_tokens else None,
             seconds=round(event.seconds, 4))
 

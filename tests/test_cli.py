@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vq_decoder.encoding import read_metadata
+
 from .helpers import assert_one_line_error, run_cli, tiny_config
 
 
@@ -88,7 +90,10 @@ def test_convert_then_generate_tokens_match_reference(tmp_path, tiny_model):
     assert completed[0] == generate(ref, torch.tensor([5]), cfg_scale=3.0, greedy=True,
                                     prefix=torch.tensor([prefixes[0]])).tolist()[0]
     assert completed[1] == expected[1]
-    assert len(list((tmp_path / "images").iterdir())) == 2
+    first, second = sorted((tmp_path / "images").iterdir())
+    # The completed image records the tokens it was given; the other is a plain generation.
+    assert read_metadata(first.read_bytes())["edit"]["kept_tokens"] == 48
+    assert "edit" not in read_metadata(second.read_bytes())
 
 
 def test_server_settings_from_env_and_flags(monkeypatch):

@@ -453,6 +453,21 @@ def test_openai_client_edit_is_the_completion_of_the_encoded_image(client, serve
     assert actions[1]["digitalSourceType"] == EDITED_SOURCE_TYPE
     (ingredient,) = manifest["ingredients"]
     assert ingredient["relationship"] == "parentOf" and "active_manifest" in ingredient
+    # The native completion has no input file: it records the tokens it was given, and its
+    # manifest says part of it was given (a composite), not that the model made all of it.
+    native_data = base64.b64decode(native["b64_json"])
+    given = json.dumps(prefix, separators=(",", ":")).encode()
+    native_meta = read_metadata(native_data)
+    assert native_meta["edit"] == {"kept_tokens": 96, "grid_tokens": 256,
+                                   "prefix_sha256": hashlib.sha256(given).hexdigest()}
+    assert native_meta["xmp_digital_source_type"] == EDITED_SOURCE_TYPE
+    state, manifest = read_credentials(native_data, "png")
+    assert state == "Valid" and not manifest.get("ingredients")
+    (actions,) = [a["data"]["actions"] for a in manifest["assertions"]
+                  if a["label"].startswith("c2pa.actions")]
+    assert [(a["action"], a["digitalSourceType"]) for a in actions] == [
+        ("c2pa.created", EDITED_SOURCE_TYPE)]
+    assert "96 given image tokens" in actions[0]["description"]
 
 
 def test_edit_mask_sets_the_kept_rows_and_other_sizes_are_fitted(client):
