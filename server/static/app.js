@@ -95,8 +95,8 @@ function makeTile(index, total) {
   return figure;
 }
 
-// A finished image: {b64, subject, seed, seconds (optional)}.
-function finishTile(tile, image, request) {
+// A finished image: {b64, subject, seed, seconds (optional), prompt (to regenerate it)}.
+function finishTile(tile, image) {
   const img = tile.querySelector("img");
   img.src = `data:image/png;base64,${image.b64}`;
   img.alt = `${image.subject}, seed ${image.seed ?? "greedy"}`;
@@ -117,7 +117,7 @@ function finishTile(tile, image, request) {
   again.addEventListener("click", () => {
     $("seed").value = image.seed ?? 0;
     $("n").value = 1;
-    $("prompt").value = request.prompt;
+    $("prompt").value = image.prompt;
     $("controls").requestSubmit();
   });
   const toEdit = document.createElement("button");
@@ -156,6 +156,60 @@ async function* sseEvents(response) {
   }
 }
 
+const PREVIEWS = 3;  // partial images asked for per image
+
+// One streamed request that fills `n` tiles: each preview redraws its tile, each finished
+// image completes it. `api`: the endpoint's event types (`preview`, `image`), the tile's
+// `name` in alt texts, the progress word (`drawing`), and `finished(data)`: a finished
+// image's {index, b64, subject, seed, seconds, prompt}. Resolves to how many finished.
+async function streamTiles(n, status, url, init, api) {
+  // One at a time: the tiles belong to the request in flight (a finished tile's Regenerate
+  // clicked mid-run is ignored rather than draw over them).
+  if (running > 0) return 0;
+  const tiles = $("tiles");
+  tiles.replaceChildren(...Array.from({ length: n }, (_, i) => makeTile(i, n)));
+  const buttons = [$("generate"), $("edit-go")];
+  const enabled = buttons.map((button) => !button.disabled);
+  for (const button of buttons) button.disabled = true;
+  $("status").textContent = status;
+  running += 1;
+  pollMetrics();  // the panel shows the load at once, then at the faster rate
+  let finished = 0;
+  try {
+    const response = await fetch(url, init);
+    if (!response.ok) {
+      tiles.replaceChildren();
+      showError(await apiError(response));
+      $("status").textContent = "";
+      return 0;
+    }
+    for await (const { event: kind, data } of sseEvents(response)) {
+      if (kind === "error") {
+        showError(data.error.message);
+        break;
+      }
+      if (data.type === api.preview) {
+        const tile = tiles.children[data.image_index];
+        const k = data.partial_image_index + 1;
+        tile.querySelector("img").src = `data:image/png;base64,${data.b64_json}`;
+        tile.querySelector("img").alt = `${api.name} ${data.image_index + 1}, preview ${k} of ${PREVIEWS}`;
+        tile.querySelector(".progress").textContent = `${api.drawing}… ${k}/${PREVIEWS}`;
+        tile.classList.add("preview");
+      } else if (data.type === api.image) {
+        const image = api.finished(data);
+        finishTile(tiles.children[image.index], image);
+        finished += 1;
+      }
+    }
+  } catch (err) {
+    showError(`Request failed: ${err.message}`);
+  } finally {
+    running -= 1;
+    buttons.forEach((button, i) => { button.disabled = !enabled[i]; });
+  }
+  return finished;
+}
+
 async function generate(event) {
   event.preventDefault();
   showError("");
@@ -169,51 +223,22 @@ async function generate(event) {
     temperature: Number($("temperature").value),
     seed: Number($("seed").value),
     stream: true,
-    partial_images: 3,
+    partial_images: PREVIEWS,
   };
-  const tiles = $("tiles");
-  tiles.replaceChildren(...Array.from({ length: n }, (_, i) => makeTile(i, n)));
-  $("generate").disabled = true;
-  $("status").textContent = `Generating ${n} image${n > 1 ? "s" : ""} of “${prompt}”…`;
   const started = performance.now();
-  running += 1;
-  pollMetrics();  // the panel shows the load at once, then at the faster rate
-  try {
-    const response = await fetch("/v1/generate", {
-      method: "POST", headers: headers(), body: JSON.stringify(request),
+  const finished = await streamTiles(
+    n, `Generating ${n} image${n > 1 ? "s" : ""} of “${prompt}”…`, "/v1/generate",
+    { method: "POST", headers: headers(), body: JSON.stringify(request) },
+    {
+      preview: "partial_image", image: "image", name: "Image", drawing: "drawing",
+      finished: (data) => ({
+        index: data.index, b64: data.b64_json, subject: data.class_name ?? data.prompt,
+        seed: data.seed, seconds: data.seconds, prompt,
+      }),
     });
-    if (!response.ok) {
-      tiles.replaceChildren();
-      showError(await apiError(response));
-      $("status").textContent = "";
-      return;
-    }
-    for await (const { event: kind, data } of sseEvents(response)) {
-      if (kind === "error") {
-        showError(data.error.message);
-        break;
-      }
-      if (data.type === "partial_image") {
-        const tile = tiles.children[data.image_index];
-        tile.querySelector("img").src = `data:image/png;base64,${data.b64_json}`;
-        tile.querySelector("img").alt = `Image ${data.image_index + 1}, preview ${data.partial_image_index + 1} of 3`;
-        tile.querySelector(".progress").textContent = `drawing… ${data.partial_image_index + 1}/3`;
-        tile.classList.add("preview");
-      } else if (data.type === "image") {
-        finishTile(tiles.children[data.index], {
-          b64: data.b64_json, subject: data.class_name ?? data.prompt, seed: data.seed,
-          seconds: data.seconds,
-        }, { prompt });
-      } else if (data.type === "done") {
-        const seconds = ((performance.now() - started) / 1000).toFixed(2);
-        $("status").textContent = `Done: ${n} image${n > 1 ? "s" : ""} in ${seconds} s.`;
-      }
-    }
-  } catch (err) {
-    showError(`Request failed: ${err.message}`);
-  } finally {
-    running -= 1;
-    $("generate").disabled = false;
+  if (finished === n) {
+    const seconds = ((performance.now() - started) / 1000).toFixed(2);
+    $("status").textContent = `Done: ${n} image${n > 1 ? "s" : ""} in ${seconds} s.`;
   }
 }
 
@@ -258,60 +283,28 @@ async function redraw() {
   const form = new FormData();
   form.append("image", edit.blob, "input.png");
   const fields = {
-    prompt, n, keep_rows: row, stream: true, partial_images: 3,
+    prompt, n, keep_rows: row, stream: true, partial_images: PREVIEWS,
     cfg_scale: $("cfg").value, top_k: $("topk").value, temperature: $("temperature").value,
     seed: $("seed").value,
   };
   if ($("model").value) fields.model = $("model").value;
   for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
-  const tiles = $("tiles");
-  tiles.replaceChildren(...Array.from({ length: n }, (_, i) => makeTile(i, n)));
-  $("edit-go").disabled = true;
-  $("generate").disabled = true;
-  $("status").textContent = `Redrawing rows ${row}–${edit.grid - 1} as “${prompt}”…`;
   const started = performance.now();
-  running += 1;
-  pollMetrics();  // the panel shows the load at once, then at the faster rate
-  try {
-    const response = await fetch("/v1/images/edits", {
-      method: "POST", headers: authHeaders(), body: form,
+  const finished = await streamTiles(
+    n, `Redrawing rows ${row}–${edit.grid - 1} as “${prompt}”…`, "/v1/images/edits",
+    { method: "POST", headers: authHeaders(), body: form },
+    {
+      preview: "image_edit.partial_image", image: "image_edit.completed", name: "Edit",
+      drawing: "redrawing",
+      finished: (data) => ({
+        index: data.image_index, b64: data.b64_json,
+        subject: `${data.revised_prompt ?? prompt} (kept ${data.kept_rows} rows)`,
+        seed: data.seed, prompt,
+      }),
     });
-    if (!response.ok) {
-      tiles.replaceChildren();
-      showError(await apiError(response));
-      $("status").textContent = "";
-      return;
-    }
-    let finished = 0;
-    for await (const { event: kind, data } of sseEvents(response)) {
-      if (kind === "error") {
-        showError(data.error.message);
-        break;
-      }
-      const tile = tiles.children[data.image_index];
-      if (data.type === "image_edit.partial_image") {
-        tile.querySelector("img").src = `data:image/png;base64,${data.b64_json}`;
-        tile.querySelector("img").alt = `Edit ${data.image_index + 1}, preview ${data.partial_image_index + 1} of 3`;
-        tile.querySelector(".progress").textContent = `redrawing… ${data.partial_image_index + 1}/3`;
-        tile.classList.add("preview");
-      } else if (data.type === "image_edit.completed") {
-        finishTile(tile, {
-          b64: data.b64_json, subject: `${data.revised_prompt ?? prompt} (kept ${data.kept_rows} rows)`,
-          seed: data.seed,
-        }, { prompt });
-        finished += 1;
-      }
-    }
-    if (finished === n) {
-      const seconds = ((performance.now() - started) / 1000).toFixed(2);
-      $("status").textContent = `Done: ${n} edit${n > 1 ? "s" : ""} in ${seconds} s.`;
-    }
-  } catch (err) {
-    showError(`Request failed: ${err.message}`);
-  } finally {
-    running -= 1;
-    $("edit-go").disabled = false;
-    $("generate").disabled = false;
+  if (finished === n) {
+    const seconds = ((performance.now() - started) / 1000).toFixed(2);
+    $("status").textContent = `Done: ${n} edit${n > 1 ? "s" : ""} in ${seconds} s.`;
   }
 }
 
