@@ -13,7 +13,6 @@ import re
 import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -68,8 +67,9 @@ class ServingRequest:
         self.request_id: str = request.state.request_id
         self.started, self.created = time.monotonic(), int(time.time())
         self.reservation: Reservation | None = None
-        self.options = SamplingOptions()
-        self.writer = ImageWriter(self.model, self.options)
+        # Set by configure(), which every request kind calls before it generates.
+        self.options: SamplingOptions
+        self.writer: ImageWriter
 
     # ---- checks, in the order a request meets them ----
 
@@ -88,8 +88,9 @@ class ServingRequest:
                                f"{wanted}", param=param, code="wrong_task")
 
     def configure(self, body: SamplingOverrides, fmt: OutputFormat,
-                  compression: int | None) -> None:
-        """The request's sampling options (through the one priority chain) and output."""
+                  compression: int | None, edit: EditSource | None = None) -> None:
+        """The request's sampling options (through the one priority chain) and output (and,
+        for an edit, what it edits)."""
         try:
             self.options = body.sampling_options(self.model.gpt.model_type)
         except ValidationError as e:
@@ -97,7 +98,7 @@ class ServingRequest:
             param = str(err["loc"][0]) if err["loc"] else None
             raise ServiceError(400, f"{param}: {err['msg']}", param=param) from None
         self.writer = ImageWriter(self.model, self.options, fmt, compression,
-                                  self.state.credentials)
+                                  self.state.credentials, edit=edit)
 
     async def admit(self, texts: list[int | str], images: int, param: str, *,
                     indexed: bool = True) -> list[Condition]:
@@ -363,8 +364,8 @@ class ServingEdits(ServingImages):
                                    "rows; at least one is redrawn)", param="keep_rows",
                                    code="invalid_value")
         pixels = await asyncio.to_thread(fit_image, image, size)  # a resize: off the loop
-        self.configure(body, body.output_format, body.output_compression)
-        self.writer = replace(self.writer, edit=EditSource(data, media_type, keep_rows, grid))
+        self.configure(body, body.output_format, body.output_compression,
+                       EditSource(data, media_type, keep_rows, grid))
         (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
         try:
             codes = await self.service.encode_image(pixels)
