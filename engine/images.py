@@ -6,6 +6,7 @@ C2PA manifest (`engine.credentials`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,7 +46,7 @@ class EditSource:
 def prefix_record(prefix: Sequence[int], grid_tokens: int) -> dict[str, Any]:
     """A completion of given image tokens (no input file): how many it starts from, and
     their sha256 (of the list as compact JSON, "[1,2,3]") to match them against a claim."""
-    given = "[" + ",".join(str(int(t)) for t in prefix) + "]"
+    given = json.dumps([int(t) for t in prefix], separators=(",", ":"))
     return {"kept_tokens": len(prefix), "grid_tokens": grid_tokens,
             "prefix_sha256": hashlib.sha256(given.encode()).hexdigest()}
 

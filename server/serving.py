@@ -467,9 +467,10 @@ class ServingNative(ServingRequest):
                                       model=self.service.name, size=self.service.size,
                                       output_format=body.output_format, images=images)
 
-    def _prefixes(self, body: NativeGenerateRequest, param: str) -> list[list[int]] | None:
+    def _prefixes(self, body: NativeGenerateRequest, param: str) -> list[list[int]]:
+        """Each image's given tokens (none: an empty prefix, a plain generation)."""
         if body.prefix_tokens is None:
-            return None
+            return [[] for _ in range(body.count)]
         if len(body.prefix_tokens) != body.count:
             raise ServiceError(400, f"prefix_tokens: {len(body.prefix_tokens)} lists for "
                                f"{body.count} {param}; give one per image", param="prefix_tokens",
@@ -484,11 +485,11 @@ class ServingNative(ServingRequest):
         return prefixes
 
     async def _events(self, body: NativeGenerateRequest, conditions: list[Condition],
-                      prefixes: list[list[int]] | None) -> AsyncIterator[dict[str, str]]:
+                      prefixes: list[list[int]]) -> AsyncIterator[dict[str, str]]:
         async for event in self.generate(conditions, body.partial_images, prefixes):
             if isinstance(event, Preview):
                 b64 = await self.b64(event.pixels, conditions[event.index], None,
-                                     prefixes[event.index] if prefixes else ())
+                                     prefixes[event.index])
                 yield sse({"type": "partial_image", "image_index": event.index,
                            "partial_image_index": event.partial_index, "b64_json": b64})
             else:
@@ -497,21 +498,21 @@ class ServingNative(ServingRequest):
         yield sse({"type": "done", "id": self.request_id, "model": self.service.name})
 
     async def _images(self, body: NativeGenerateRequest, conditions: list[Condition],
-                      prefixes: list[list[int]] | None) -> list[NativeImage]:
+                      prefixes: list[list[int]]) -> list[NativeImage]:
         images = [await self._image(body, event, prefixes)
                   async for event in self.generate(conditions, prefixes=prefixes)
                   if isinstance(event, Finished)]
         return sorted(images, key=lambda image: image.index)
 
     async def _image(self, body: NativeGenerateRequest, event: Finished,
-                     prefixes: list[list[int]] | None) -> NativeImage:
+                     prefixes: list[list[int]]) -> NativeImage:
         label = event.condition.label
-        prefix = prefixes[event.index] if prefixes else ()
         return NativeImage(
             index=event.index, class_label=label,
             class_name=None if label is None else self.model.class_names[label],
             prompt=event.condition.caption, seed=event.seed,
-            b64_json=await self.b64(event.pixels, event.condition, event.seed, prefix),
+            b64_json=await self.b64(event.pixels, event.condition, event.seed,
+                                    prefixes[event.index]),
             tokens=event.tokens if body.return_tokens else None,
             seconds=round(event.seconds, 4))
 
