@@ -101,4 +101,3 @@ def preview_dtype(dtype: DType, final: torch.dtype) -> torch.dtype:
 
 def cpu_threads(settings: EngineSettings) -> int:
     return settings.cpu_threads or len(os.sched_getaffinity(0))
-
