@@ -46,6 +46,7 @@ class LoadSpec:
     partial_images: int = 0
     seed: int = 0
     response_format: str = "b64_json"
+    size: str | None = None  # None: not sent (the native size)
     edit_rows: int | None = None  # an edit keeping this many rows of `image`
     image: bytes | None = None
 
@@ -55,6 +56,8 @@ class LoadSpec:
         what = "generation" if self.edit_rows is None else f"edit keep_rows={self.edit_rows}"
         if self.stream:
             what += f", stream {self.partial_images} previews"
+        if self.size:
+            what += f", size {self.size}"
         return f"{what}, {self.response_format}"
 
     @property
@@ -81,8 +84,10 @@ class LoadSpec:
             body["model"] = self.model
         if self.stream:
             body.update(stream=True, partial_images=self.partial_images)
-        if self.response_format != "b64_json":
+        if self.response_format != "omitted":  # omitted: the server's default
             body["response_format"] = self.response_format
+        if self.size:
+            body["size"] = self.size
         return body
 
 
@@ -399,8 +404,11 @@ def add_arguments(parser: Any) -> None:
                         "slices, alternating the request kinds (noisy machines)")
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--response-format", nargs="+", default=["b64_json"],
-                        choices=["b64_json", "url"], help="one run per format at each level "
-                        "(url: what the image store adds)")
+                        choices=["b64_json", "url", "omitted"], help="one run per format at "
+                        "each level (url: what the image store adds; omitted: the server's "
+                        "--default-response-format)")
+    parser.add_argument("--sizes", nargs="+", default=[], metavar="WxH", help="also run "
+                        "the first request kind at these sizes (resampled from the native)")
     parser.add_argument("--prompts", nargs="+", default=["0", "1", "2", "3"],
                         help="class ids or names, used in turn")
     parser.add_argument("--stream", action="store_true", help="stream every request")
@@ -432,6 +440,7 @@ def main(args: Any) -> dict:
     spec = specs[0]
     if args.compare_stream is not None:
         specs.append(replace(spec, stream=True, partial_images=args.compare_stream))
+    specs += [replace(spec, size=size) for size in args.sizes]
     if args.edit_rows:
         image = input_image(spec)
         specs += [replace(spec, edit_rows=k, image=image) for k in args.edit_rows]

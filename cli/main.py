@@ -275,8 +275,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(_one_line(e)) from None
     if not settings.model:
         settings.model = [resolve_model_path(None)]
-    for path in settings.model:  # fail before any engine starts
-        load_model_dir(path)
+    models = [load_model_dir(path) for path in settings.model]  # fail before any engine starts
+    try:
+        settings.served_names([m.name for m in models])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     configure_logging(settings.log_level)
     credentials = ContentCredentials.from_settings(settings)  # bad keys: fail before it too
     check_image_store(settings)  # a missing bucket or bad credentials: likewise

@@ -21,14 +21,28 @@ from model_registry.text_encoder import TextEncoder
 
 @dataclass(frozen=True)
 class Condition:
-    """A class (c2i) or a caption (t2i)."""
+    """A class (c2i) or a caption (t2i), or, `unconditional`, the null condition the model
+    was trained with (the null class; for t2i the null caption's embeddings): variations."""
 
     label: int | None = None
     caption: str | None = None  # t2i: the text the model saw (cleaned, truncated)
     embeds: torch.Tensor | None = None  # t2i: cap_proj of the valid caption rows, (L, dim)
+    unconditional: bool = False
+
+    @classmethod
+    def null(cls, model: ModelDir, projection: torch.nn.Module | None = None) -> Condition:
+        """The null condition in the conditional stream too (t2i: `projection`, cap_proj in
+        the engine's dtype, makes the null caption's embeddings)."""
+        if not model.is_t2i:
+            return cls(unconditional=True)
+        assert projection is not None
+        return cls(embeds=project_caption(projection, model.null_caption()), unconditional=True)
 
     @property
     def input_tokens(self) -> int:
+        """The prompt's tokens a client sent (a variation's null condition: none)."""
+        if self.unconditional:
+            return 0
         return 1 if self.embeds is None else len(self.embeds)
 
     def prompt(self, model: ModelDir, prefix: Sequence[int] = ()) -> Any:
@@ -36,11 +50,15 @@ class Condition:
         checked by `check_prefix`) for a completion."""
         if self.embeds is not None:
             return embeds_prompt(self.embeds, model.gpt.vocab_size, prefix)
+        if self.unconditional:
+            return token_prompt([model.gpt.vocab_size + model.gpt.null_class, *prefix])
         assert self.label is not None
         return token_prompt(class_prompt_ids(model, self.label) + list(prefix))
 
     def describe(self, model: ModelDir) -> dict[str, Any]:
         """What an image's provenance says of its condition."""
+        if self.unconditional:
+            return {"unconditional": True}
         if self.label is None:
             return {"prompt": self.caption}
         return {"label": self.label, "class_name": model.class_names[self.label]}

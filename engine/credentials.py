@@ -200,11 +200,13 @@ class ContentCredentials:
         agent = {"name": f"llamagen-serve/{self.version}"}
         if edited:
             # The input image is the parent ingredient: opened, then completed by the model.
+            how = ("without a condition (a variation)" if record.get("unconditional")
+                   else "for the prompt")
             actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": [INPUT]}},
                        {"action": "c2pa.edited", "digitalSourceType": EDITED_SOURCE_TYPE,
                         "softwareAgent": agent,
                         "description": "token rows below the kept ones redrawn by "
-                                       "autoregressive completion"}]
+                                       f"autoregressive completion {how}"}]
         elif "edit" in record:
             # A completion of image tokens the client gave: no input file to cite, so a
             # creation whose source type says part of it was given (a composite).
@@ -215,6 +217,11 @@ class ContentCredentials:
         else:
             actions = [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
                         "softwareAgent": agent}]
+        if "resampled" in record:
+            resampled = record["resampled"]
+            actions.append({"action": "c2pa.resized", "softwareAgent": agent,
+                            "description": f"resampled from {resampled['native_size']} to "
+                                           f"{resampled['size']} ({resampled['filter']})"})
         return {
             "claim_generator_info": [{"name": "llamagen-serve", "version": self.version}],
             "title": title,

@@ -21,7 +21,14 @@ from engine.credentials import ContentCredentials
 from engine.sampling import SamplingOptions
 from model_registry.convert import software_version
 from model_registry.model_dir import ModelDir
-from vq_decoder.encoding import IMAGE_FORMATS, ImageFormat, encode_image, provenance
+from vq_decoder.encoding import (
+    IMAGE_FORMATS,
+    RESAMPLE_FILTER,
+    ImageFormat,
+    encode_image,
+    provenance,
+    resample,
+)
 
 
 @dataclass(frozen=True)
@@ -33,14 +40,16 @@ class EditSource:
     media_type: str
     kept_rows: int
     grid_rows: int
+    variation: bool = False  # the rest redrawn without a condition
 
     @cached_property
     def sha256(self) -> str:  # once per request, not per image written
         return hashlib.sha256(self.data).hexdigest()
 
     def recorded(self) -> dict[str, Any]:
-        return {"kept_rows": self.kept_rows, "grid_rows": self.grid_rows,
-                "source_sha256": self.sha256}
+        record = {"kept_rows": self.kept_rows, "grid_rows": self.grid_rows,
+                  "source_sha256": self.sha256}
+        return {**record, "variation": True} if self.variation else record
 
 
 def prefix_record(prefix: Sequence[int], grid_tokens: int) -> dict[str, Any]:
@@ -61,6 +70,7 @@ class ImageWriter:
     compression: int | None = None
     credentials: ContentCredentials | None = None  # None: unsigned
     edit: EditSource | None = None  # an edit's images: what they were edited from
+    size: int | None = None  # the side delivered, when not the model's own (resampled)
 
     def provenance(self, condition: Condition, seed: int | None, prefix: Sequence[int] = ()
                    ) -> dict[str, Any]:
@@ -73,13 +83,23 @@ class ImageWriter:
         return provenance(model=self.model.name, checkpoint_sha256=self.model.gpt_sha256,
                           seed=seed, sampling=self.options.recorded(),
                           software=f"llamagen-serve {software_version()}", edit=edit,
-                          **condition.describe(self.model))
+                          resampled=self._resampled(), **condition.describe(self.model))
+
+    def _resampled(self) -> dict[str, Any] | None:
+        native = self.model.image_size
+        if self.size is None or self.size == native:
+            return None
+        return {"native_size": f"{native}x{native}", "size": f"{self.size}x{self.size}",
+                "filter": RESAMPLE_FILTER}
 
     def encode(self, pixels: np.ndarray, condition: Condition, seed: int | None,
                prefix: Sequence[int] = ()) -> bytes:
-        """uint8 (H, W, 3) -> the file's bytes, carrying the image's provenance (signed when
-        the writer has credentials; raises SigningError if that fails)."""
+        """uint8 (H, W, 3) at the model's size -> the file's bytes at the writer's size,
+        carrying the image's provenance (signed when the writer has credentials; raises
+        SigningError if that fails)."""
         record = self.provenance(condition, seed, prefix)
+        if "resampled" in record and self.size is not None:
+            pixels = resample(pixels, self.size)
         data = encode_image(pixels, self.format, metadata=record, compression=self.compression)
         if self.credentials is None:
             return data

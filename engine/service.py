@@ -108,14 +108,18 @@ def preview_grid(tokens: Sequence[int], rows: int, grid: int) -> list[int]:
 
 
 class ModelService:
-    def __init__(self, model: ModelDir, settings: ServiceSettings, models_served: int = 1):
+    def __init__(self, model: ModelDir, settings: ServiceSettings, models_served: int = 1,
+                 name: str | None = None):
+        """name: what metrics and clients call it (default: the model directory's name)."""
         self.model, self.settings = model, settings
         self.models_served = models_served
-        self.name = model.name
+        self.name = name or model.name
         self.engine: AsyncEngine | None = None
         self.decoder: DecoderService | None = None
         self.encoder: EncoderService | None = None
         self.captions: CaptionService | None = None
+        # Variations: the null condition in both streams (t2i: made once at start).
+        self.null_condition = Condition.null(model) if not model.is_t2i else None
         self.in_flight = 0  # images admitted and not finished
         self.last_progress = time.monotonic()
         self.throughput = metrics.ThroughputWindow(self.name)
@@ -157,13 +161,14 @@ class ModelService:
         await self.encoder.start()
         if self.model.is_t2i:
             # The projection runs in the engine's dtype, as the original runs cap_proj.
+            projection = self.model.caption_projection(self.engine.dtype, device())
             self.captions = CaptionService(
-                self.model.load_text_encoder(device=device()),
-                self.model.caption_projection(self.engine.dtype, device()),
+                self.model.load_text_encoder(device=device()), projection,
                 max_batch_size=self.settings.text_encoder_max_batch,
                 max_wait_s=self.settings.text_encoder_max_wait_ms / 1000,
                 on_batch=self._observe_encode)
             await self.captions.start()
+            self.null_condition = Condition.null(self.model, projection)
 
     async def stop(self) -> None:
         if self.captions is not None:

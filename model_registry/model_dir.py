@@ -105,17 +105,24 @@ class ModelDir:
         Raises ValueError naming the valid range, the ids of an ambiguous name, or the
         closest names to an unknown one."""
         n = self.gpt.num_classes
-        if isinstance(text, int) or str(text).strip().isdigit():
-            label = int(text)
-            if not 0 <= label < n:
-                raise ValueError(f"class id {label} out of range 0..{n - 1}")
-            return label
+        if isinstance(text, int):
+            if not 0 <= text < n:
+                # Not printed when huge: Python refuses to print integers of 4300+ digits.
+                shown = str(text) if abs(text) < 10**40 else "of over 40 digits"
+                raise ValueError(f"class id {shown} out of range 0..{n - 1}")
+            return text
+        digits = text.strip()
+        if digits.isascii() and digits.isdigit():
+            if len(digits) > 40 or not 0 <= int(digits) < n:
+                shown = digits if len(digits) <= 40 else "of over 40 digits"
+                raise ValueError(f"class id {shown} out of range 0..{n - 1}")
+            return int(digits)
         key = " ".join(str(text).lower().split())
         ids = self._ids_by_name.get(key)
         if ids is None:
             close = difflib.get_close_matches(key, list(self._ids_by_name), n=5, cutoff=0.6)
             hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
-            raise ValueError(f"unknown class {str(text)!r}{hint}")
+            raise ValueError(f"unknown class {str(text)[:100]!r}{hint}")
         if len(ids) > 1:
             raise ValueError(f"class name {str(text)!r} is ambiguous: use one of the ids "
                              f"{', '.join(map(str, ids))}")
@@ -169,6 +176,13 @@ class ModelDir:
             mlp = MLP(self.gpt.caption_dim, self.gpt.dim, self.gpt.dim)
         mlp.load_state_dict(sd, assign=True)
         return mlp.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def null_caption(self) -> torch.Tensor:
+        """t2i: the learned null caption (`uncond_embedding`, 120 x caption_dim) that the
+        unconditional stream sees."""
+        assert self.is_t2i
+        with safe_open(self.path / WEIGHTS_FILE, framework="pt") as f:
+            return f.get_tensor("cls_embedding.uncond_embedding")
 
     def load_text_encoder(self, **kwargs: Any) -> TextEncoder:
         """The t2i caption encoder this model was converted with (kwargs: device, dtype)."""

@@ -25,9 +25,10 @@ from engine.service import ModelService
 from model_registry.model_dir import load_model_dir
 from server.deps import AppState, dead_engine
 from server.errors import ServiceError, add_error_handlers
+from server.fetch import FetchPolicy
 from server.image_store import open_image_store
 from server.routers import native, openai_images, ops, playground
-from server.routers.openai_images import EDITS_PATH
+from server.routers.openai_images import EDITS_PATH, VARIATIONS_PATH
 from server.settings import ServerSettings
 
 log = logging.getLogger("llamagen.server")
@@ -153,7 +154,10 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
                ) -> FastAPI:
     """The app; `credentials`: the C2PA signer when the caller made it already (else made
     from the settings at startup)."""
-    state = AppState(settings=settings, credentials=credentials)
+    state = AppState(settings=settings, credentials=credentials,
+                     fetch_policy=FetchPolicy.from_settings(settings.image_url_hosts,
+                                                            settings.image_url_networks,
+                                                            settings.image_url_timeout_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -163,14 +167,19 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
                                         settings.image_ttl_s, settings.image_store_endpoint)
         await state.images.start()  # an unusable store stops the start, saying why
         try:
-            for path in settings.model:
-                model = load_model_dir(path)
-                if model.name in state.services:
-                    raise ValueError(f"two models are named {model.name!r}")
-                service = ModelService(model, settings, models_served=len(settings.model))
-                state.services[model.name] = service
+            models = [load_model_dir(path) for path in settings.model]
+            if len({m.name for m in models}) < len(models):
+                raise ValueError("two models have the same directory name: give each its "
+                                 "own directory name")
+            names = settings.served_names([m.name for m in models])
+            for model in models:
+                served = names[model.name]
+                service = ModelService(model, settings, models_served=len(models),
+                                       name=served[0])
+                state.services[service.name] = service
+                state.names.update(dict.fromkeys(served, service))
                 await service.start()
-                log.info(f"serving {model.name} from {path}")
+                log.info(f"serving {model.path} as {', '.join(served)}")
             state.ready = True
             watchdog = asyncio.create_task(watch_engines(state), name="engine-watchdog")
             yield
@@ -191,12 +200,14 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
     app.include_router(ops.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")
-    # An edit carries an image and a mask: the route's files are checked one by one
-    # (--max-upload-bytes each, a 400), the body as a whole here.
+    # An edit carries an image and a mask (a variation an image): the route's files are
+    # checked one by one (--max-upload-bytes each, a 400), the body as a whole here. A JSON
+    # edit carries them as base64 data: URLs, a third larger.
+    upload = settings.max_upload_bytes * 4 // 3 + 1024
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s,
-                       upload_paths={EDITS_PATH: 2 * settings.max_upload_bytes
-                                     + settings.max_body_bytes})
+                       upload_paths={EDITS_PATH: 2 * upload + settings.max_body_bytes,
+                                     VARIATIONS_PATH: upload + settings.max_body_bytes})
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document without its 422s: validation errors are 400s here, documented

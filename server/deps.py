@@ -14,6 +14,7 @@ from starlette.datastructures import FormData
 from engine.credentials import ContentCredentials
 from engine.service import ModelService
 from server.errors import ServiceError
+from server.fetch import FetchPolicy
 from server.image_store import ImageStore
 from server.settings import ServerSettings
 
@@ -23,9 +24,11 @@ T = TypeVar("T")
 @dataclass
 class AppState:
     settings: ServerSettings
-    services: dict[str, ModelService] = field(default_factory=dict)
+    services: dict[str, ModelService] = field(default_factory=dict)  # by reported name
+    names: dict[str, ModelService] = field(default_factory=dict)  # every name a client may use
     images: ImageStore | None = None
     credentials: ContentCredentials | None = None  # None: images are not signed
+    fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)  # image URLs of edits
     ready: bool = False
     draining: bool = False
     engine_dead: str | None = None  # why, once the watchdog saw an engine core die
@@ -72,10 +75,10 @@ def dead_engine(state: AppState) -> str | None:
 def resolve_service(state: AppState, model: str | None) -> ModelService:
     if model is None:
         return next(iter(state.services.values()))
-    service = state.services.get(model)
+    service = state.names.get(model)
     if service is None:
         raise ServiceError(404, f"model {model!r} not found; available: "
-                           f"{', '.join(state.services)}", param="model",
+                           f"{', '.join(state.names)}", param="model",
                            code="model_not_found")
     return service
 
@@ -101,13 +104,18 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def read_form(request: Request) -> FormData:
-    """A multipart/form-data body (a 400 for anything else or a malformed one)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_form(request: Request, max_files: int = 2, extra: str = "") -> FormData:
+    """A multipart/form-data body (a 400 for anything else or a malformed one; `extra`:
+    what else the route takes, for its message)."""
+    kind = content_type(request)
     if kind != "multipart/form-data":
         given = kind or "no content type"
-        raise ServiceError(400, f"send the request as multipart/form-data, not {given}",
-                           code="invalid_content_type")
-    # A few named fields and at most two files (image, mask); Starlette answers a malformed
-    # body with a 400, which the error handlers put in the envelope.
-    return await request.form(max_files=2, max_fields=64)
+        raise ServiceError(400, f"send the request as multipart/form-data, not {given}"
+                           f"{extra}", code="invalid_content_type")
+    # A few named fields and at most `max_files` files (image, mask); Starlette answers a
+    # malformed body with a 400, which the error handlers put in the envelope.
+    return await request.form(max_files=max_files, max_fields=64)

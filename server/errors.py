@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.service import QueueFull
@@ -99,6 +100,16 @@ SSE_EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties
 
 # What every generation request can answer besides 200.
 GENERATION_ERRORS = error_responses(400, 404, 408, 413, 429, 500, 503, 504)
+
+
+def validation_error(e: ValidationError) -> ServiceError:
+    """A request model's validation error -> the 400 naming its (first) field."""
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return ServiceError(400, "request body is not valid JSON", code="invalid_value")
+    param = ".".join(str(p) for p in err["loc"]) or None
+    message = f"{param}: {err['msg']}" if param else f"request body: {err['msg']}"
+    return ServiceError(400, message, param=param, code="invalid_value")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -9,9 +9,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from engine.sampling import overrides_model
+from engine.sampling import SamplingOptions, overrides_model
 from vq_decoder.encoding import ImageFormat as OutputFormat
+
+# An optional response field: left out when unset (OpenAI's schema has no null there), so
+# the documented schema has no null either.
+Absent = SkipJsonSchema[None]
 
 # Sampling extension fields, generated from engine.sampling.SamplingOptions (absent: the
 # model's default). OpenAI's surface has no `greedy` (temperature 0 means greedy there).
@@ -19,22 +24,40 @@ OpenAISampling = overrides_model("OpenAISampling", exclude=("greedy",))
 NativeSampling = overrides_model("NativeSampling")
 
 
-class ImageRequest(OpenAISampling):  # type: ignore[misc, valid-type]
-    """The fields OpenAI's generation and edit requests share."""
+# Variations redraw without a condition (the null one in both guidance streams), so
+# guidance changes nothing there and its fields are not offered.
+VariationSampling = overrides_model("VariationSampling",
+                                    exclude=("greedy", "cfg_scale", "cfg_interval"))
 
-    prompt: str = Field(min_length=1, max_length=32000)
+
+class ImageOutput(BaseModel):
+    """The fields every OpenAI image request has: which model, how many images, and how
+    they are delivered."""
+
     model: str | None = None
     n: int = Field(1, ge=1)
-    size: str = "auto"
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    size: str = Field("auto", max_length=64, description="auto (the model's native size) or "
+                      "a square WxW: another size is resampled from the native image "
+                      "(Lanczos), up to --max-output-size; not square: a 400")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="absent: the server's --default-response-format (both `url` and "
+        "`b64_json` unless configured)")
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
     user: str | None = Field(None, max_length=256)
+
+
+class ImageRequest(ImageOutput, OpenAISampling):  # type: ignore[misc, valid-type]
+    """The fields OpenAI's generation and edit requests share."""
+
+    prompt: str = Field(min_length=1, max_length=32000)
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=3)
     # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
-    background: Literal["auto", "opaque"] | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto and opaque: the same (LlamaGen images are opaque); "
+        "transparent: a 400")
     moderation: Literal["low", "auto"] | None = None
 
     @field_validator("prompt")
@@ -42,6 +65,13 @@ class ImageRequest(OpenAISampling):  # type: ignore[misc, valid-type]
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _opaque(cls, v: str | None) -> str | None:
+        if v == "transparent":
+            raise ValueError("LlamaGen images have no transparency: give auto or opaque")
         return v
 
 
@@ -57,6 +87,11 @@ class ImageGenerationRequest(ImageRequest):
     style: Literal["vivid", "natural"] | None = None  # accepted for compatibility
 
 
+KEEP_ROWS = Field(None, ge=0, description="extension: token rows of the input image kept "
+                  "from the top (the rest is redrawn); without a mask the default is half "
+                  "the grid; not with `mask`")
+
+
 class ImageEditRequest(ImageRequest):
     """POST /v1/images/edits, the multipart form's text fields (the files, `image` and
     `mask`, travel beside them). The serving object types the text of each field as the
@@ -68,10 +103,55 @@ class ImageEditRequest(ImageRequest):
 
     model_config = ConfigDict(extra="forbid")
 
-    keep_rows: int | None = Field(None, ge=0, description="extension: token rows of the input "
-                                  "image kept from the top (the rest is redrawn); without a "
-                                  "mask the default is half the grid; not with `mask`")
+    keep_rows: int | None = KEEP_ROWS
     input_fidelity: Literal["high", "low"] | None = None  # accepted for compatibility
+
+
+# OpenAI's longest image_url (a 20 MiB base64 data: URL).
+MAX_IMAGE_URL = 20_971_520
+
+
+class ImageRef(BaseModel):
+    """An input image by reference: exactly one of `image_url` and `file_id`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image_url: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_URL,
+                                  description="a data: URL (base64), or an http(s) URL of a "
+                                  "host the server allows (--image-url-hosts)")
+    file_id: str | None = Field(None, description="not supported here (no Files API): a 400")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of image_url and file_id")
+        return self
+
+
+class ImageEditJSONRequest(ImageEditRequest):
+    """POST /v1/images/edits as application/json (OpenAI's `EditImageBodyJsonParam`): the
+    input image and mask by reference. An edit completes one picture, so `images` holds
+    one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    images: list[ImageRef] = Field(min_length=1, max_length=16)
+    mask: ImageRef | None = None
+
+
+class ImageVariationRequest(ImageOutput, VariationSampling):  # type: ignore[misc, valid-type]
+    """POST /v1/images/variations, the multipart form's text fields (beside the `image`
+    file): the image's top token rows (`keep_rows`, default half the grid) are kept and the
+    rest is redrawn without a condition (the null class or null caption the model was
+    trained with), so the picture continues as the model sees fit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep_rows: int | None = KEEP_ROWS
+
+    def sampling_options(self, task: str) -> SamplingOptions:
+        # Both guidance streams hold the null condition: guidance is off (cfg_scale 1).
+        return super().sampling_options(task).model_copy(update={"cfg_scale": 1.0})
 
 
 class ImageTokensDetails(BaseModel):
@@ -88,22 +168,26 @@ class Usage(BaseModel):
 
 
 class Image(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = Field(None, description="t2i: the caption after the "
-                                       "original's cleaning, as the model saw it")
+    b64_json: str | Absent = None
+    url: str | Absent = None
+    revised_prompt: str | Absent = Field(None, description="t2i: the caption after the "
+                                         "original's cleaning, as the model saw it")
     # Extensions: what regenerates this exact image.
-    seed: int | None = None
-    class_label: int | None = None
-    kept_rows: int | None = Field(None, description="edits: token rows of the input image "
-                                  "kept from the top (the rest was redrawn)")
+    seed: int | Absent = None
+    class_label: int | Absent = None
+    kept_rows: int | Absent = Field(None, description="edits: token rows of the input "
+                                    "image kept from the top (the rest was redrawn)")
 
 
 class ImagesResponse(BaseModel):
+    """Sent without its unset fields: OpenAI's schema has no null in them."""
+
     created: int
     data: list[Image]
     output_format: OutputFormat
     size: str
+    native_size: str = Field(description="extension: the size the model drew; `size` is "
+                             "the size delivered (resampled when they differ)")
     quality: Literal["high"] = "high"
     background: Literal["opaque"] = "opaque"
     usage: Usage
@@ -129,9 +213,9 @@ class PartialImageEvent(_ImageEvent):
 class CompletedEvent(_ImageEvent):
     type: Literal["image_generation.completed"] = "image_generation.completed"
     usage: Usage
-    seed: int | None = None
-    class_label: int | None = None
-    revised_prompt: str | None = None
+    seed: int | Absent = None
+    class_label: int | Absent = None
+    revised_prompt: str | Absent = None
 
 
 class EditPartialImageEvent(PartialImageEvent):

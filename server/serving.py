@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from PIL.Image import Image as PILImage
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
@@ -30,18 +31,23 @@ from engine.service import Finished, Preview, QueueFull, Reservation
 from engine.vllm_api import EngineDead
 from server import metrics
 from server.deps import AppState, resolve_service, until_disconnected
-from server.errors import ServiceError
+from server.errors import ServiceError, validation_error
+from server.fetch import FetchRefused, ImageSource
 from server.image_store import StoreUnavailable
 from server.protocol import (
     CompletedEvent,
     EditCompletedEvent,
     EditPartialImageEvent,
     Image,
+    ImageEditJSONRequest,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageOutput,
+    ImageRef,
     ImageRequest,
     ImagesResponse,
     ImageTokensDetails,
+    ImageVariationRequest,
     NativeGenerateRequest,
     NativeGenerateResponse,
     NativeImage,
@@ -88,17 +94,16 @@ class ServingRequest:
                                f"{wanted}", param=param, code="wrong_task")
 
     def configure(self, body: SamplingOverrides, fmt: OutputFormat,
-                  compression: int | None, edit: EditSource | None = None) -> None:
+                  compression: int | None, edit: EditSource | None = None,
+                  size: int | None = None) -> None:
         """The request's sampling options (through the one priority chain) and output (and,
-        for an edit, what it edits)."""
+        for an edit, what it edits; `size`: the side delivered, when resampled)."""
         try:
             self.options = body.sampling_options(self.model.gpt.model_type)
         except ValidationError as e:
-            err = e.errors()[0]
-            param = str(err["loc"][0]) if err["loc"] else None
-            raise ServiceError(400, f"{param}: {err['msg']}", param=param) from None
+            raise validation_error(e) from None
         self.writer = ImageWriter(self.model, self.options, fmt, compression,
-                                  self.state.credentials, edit=edit)
+                                  self.state.credentials, edit=edit, size=size)
 
     async def admit(self, texts: list[int | str], images: int, param: str, *,
                     indexed: bool = True) -> list[Condition]:
@@ -106,10 +111,7 @@ class ServingRequest:
         for c2i models (checked first: a bad one is a 400), captions for t2i models (encoded
         after admission, since encoding costs compute; released again if it fails)."""
         conditions = None if self.model.is_t2i else self._classes(texts, param, indexed)
-        try:
-            self.reservation = self.service.admit(images)
-        except QueueFull as e:
-            raise ServiceError.queue_full(e) from None
+        self.reserve(images)
         if conditions is not None:
             return conditions
         try:
@@ -117,6 +119,17 @@ class ServingRequest:
         except BaseException:
             self.reservation.release()
             raise
+
+    def reserve(self, images: int) -> None:
+        """Room for `images` images, or a 429."""
+        try:
+            self.reservation = self.service.admit(images)
+        except QueueFull as e:
+            raise ServiceError.queue_full(e) from None
+
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
 
     def _classes(self, labels: list[int | str], param: str, indexed: bool) -> list[Condition]:
         conditions = []
@@ -170,9 +183,8 @@ class ServingRequest:
         conditioning = sum(c.input_tokens for c in conditions)
         kept = len(conditions) * prefix_len
         outputs = len(conditions) * (self.model.gpt.block_size - prefix_len)
-        text = conditioning if self.model.is_t2i else 0
         return Usage(input_tokens=conditioning + kept,
-                     input_tokens_details=ImageTokensDetails(text_tokens=text,
+                     input_tokens_details=ImageTokensDetails(text_tokens=conditioning,
                                                              image_tokens=kept),
                      output_tokens=outputs, total_tokens=conditioning + kept + outputs,
                      output_tokens_details=ImageTokensDetails(image_tokens=outputs))
@@ -185,8 +197,7 @@ class ServingRequest:
         (counted while they run, so a burst may pass the cap by the streams not yet begun)."""
         limit = self.state.settings.max_streams
         if self.state.open_streams >= limit:
-            if self.reservation is not None:
-                self.reservation.release()
+            self.release()
             raise ServiceError(429, f"too many open streams (limit {limit}); retry later or "
                                "ask without stream", type="rate_limit_error",
                                code="too_many_streams", headers={"Retry-After": "5"})
@@ -231,8 +242,7 @@ class ServingRequest:
             self._finish(outcome)
 
     def _finish(self, outcome: str) -> None:
-        if self.reservation is not None:
-            self.reservation.release()
+        self.release()
         metrics.REQUESTS.labels(self.service.name, self.endpoint, outcome).inc()
         if outcome == "ok":
             metrics.REQUEST_LATENCY.labels(self.service.name, self.endpoint).observe(
@@ -246,36 +256,59 @@ class ServingImages(ServingRequest):
     partial_event: ClassVar[type[PartialImageEvent]] = PartialImageEvent
     completed_event: ClassVar[type[CompletedEvent]] = CompletedEvent
 
-    async def create(self, body: ImageGenerationRequest
-                     ) -> ImagesResponse | EventSourceResponse:
+    async def create(self, body: ImageGenerationRequest) -> Response:
         self.check_count(body.n, "n")
-        self.check_size(body.size)
-        self.configure(body, body.output_format, body.output_compression)
+        size = self.output_size(body.size)
+        self.configure(body, body.output_format, body.output_compression, size=size)
         # One prompt for all n images: resolved or encoded once.
         (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
         return await self.respond(body, condition)
 
-    def check_size(self, size: str) -> None:
-        if size not in ("auto", self.service.size):
-            raise ServiceError(400, f"size {size!r} is not supported by "
-                               f"{self.service.name}; supported sizes: 'auto', "
-                               f"{self.service.size!r}", param="size", code="unsupported_size")
+    def output_size(self, size: str) -> int:
+        """The side of the square images delivered: the model's own for `auto`, another
+        square side (resampled) up to --max-output-size unless --strict-size; else a 400
+        that says what is accepted."""
+        native, settings = self.model.image_size, self.state.settings
+        if size == "auto":
+            return native
+        match = SIZE.fullmatch(size)
+        side = int(match[1]) if match and match[1] == match[2] else None
+        if side == native:
+            return native
+        if settings.strict_size:
+            accepted = f"'auto' or {native}x{native}"
+        else:
+            top = settings.max_output_size
+            accepted = (f"'auto', {native}x{native} (native) or a square size from "
+                        f"{MIN_OUTPUT_SIZE}x{MIN_OUTPUT_SIZE} to {top}x{top} (resampled)")
+        if side is None or settings.strict_size or not (
+                MIN_OUTPUT_SIZE <= side <= settings.max_output_size):
+            raise ServiceError(400, f"size {size[:40]!r} is not supported by "
+                               f"{self.service.name}; accepted: {accepted}", param="size",
+                               code="unsupported_size")
+        return side
 
-    async def respond(self, body: ImageRequest,
+    @property
+    def size(self) -> str:
+        side = self.writer.size or self.model.image_size
+        return f"{side}x{side}"
+
+    async def respond(self, body: ImageRequest | ImageVariationRequest,
                       condition: Condition, prefix: list[int] | None = None,
-                      found: dict[str, Any] | None = None
-                      ) -> ImagesResponse | EventSourceResponse:
+                      found: dict[str, Any] | None = None) -> Response:
         """Generate body.n images of `condition` (completing `prefix`, for an edit), stream
         them or answer them all at once; `found`: extension fields every image carries."""
         found = found or {}
-        if body.stream:
+        if isinstance(body, ImageRequest) and body.stream:
             return self.stream(self._events(body, condition, prefix, found))
         data = await self.collect(self._images(body, condition, prefix, found))
-        return ImagesResponse(created=self.created, data=data, output_format=body.output_format,
-                              size=self.service.size,
-                              usage=self.usage([condition] * body.n, len(prefix or ())))
+        response = ImagesResponse(created=self.created, data=data,
+                                  output_format=body.output_format, size=self.size,
+                                  native_size=self.service.size,
+                                  usage=self.usage([condition] * body.n, len(prefix or ())))
+        return JSONResponse(response.model_dump(exclude_none=True))
 
-    def _generate(self, body: ImageRequest, condition: Condition,
+    def _generate(self, body: ImageOutput, condition: Condition,
                   prefix: list[int] | None, partial_images: int = 0
                   ) -> AsyncIterator[Preview | Finished]:
         prefixes = None if prefix is None else [prefix] * body.n
@@ -284,7 +317,7 @@ class ServingImages(ServingRequest):
     async def _events(self, body: ImageRequest,
                       condition: Condition, prefix: list[int] | None, found: dict[str, Any]
                       ) -> AsyncIterator[dict[str, str]]:
-        common = dict(size=self.service.size, output_format=body.output_format)
+        common = dict(size=self.size, output_format=body.output_format)
         async for event in self._generate(body, condition, prefix, body.partial_images):
             if isinstance(event, Finished):
                 yield sse(self.completed_event(
@@ -299,24 +332,24 @@ class ServingImages(ServingRequest):
                     partial_image_index=event.partial_index, created_at=int(time.time()),
                     image_index=event.index, **common))
 
-    async def _images(self, body: ImageRequest,
+    async def _images(self, body: ImageOutput,
                       condition: Condition, prefix: list[int] | None, found: dict[str, Any]
                       ) -> list[Image]:
+        formats = body.response_format or self.state.settings.default_response_format
         images: list[Image | None] = [None] * body.n
         async for event in self._generate(body, condition, prefix):
             assert isinstance(event, Finished)
-            fields = dict(seed=event.seed, class_label=condition.label,
-                          revised_prompt=condition.caption, **found)
-            if body.response_format == "url":
-                images[event.index] = Image(url=await self._store(event, condition), **fields)
-            else:
-                images[event.index] = Image(
-                    b64_json=await self.b64(event.pixels, condition, event.seed), **fields)
+            data = await self.encode(event.pixels, condition, event.seed)
+            images[event.index] = Image(
+                url=await self._store(data) if formats in ("url", "both") else None,
+                b64_json=(base64.b64encode(data).decode()
+                          if formats in ("b64_json", "both") else None),
+                seed=event.seed, class_label=condition.label,
+                revised_prompt=condition.caption, **found)
         return [img for img in images if img is not None]
 
-    async def _store(self, event: Finished, condition: Condition) -> str:
+    async def _store(self, data: bytes) -> str:
         assert self.state.images is not None
-        data = await self.encode(event.pixels, condition, event.seed)
         try:
             name = await self.state.images.save(data, self.writer.format)
         except StoreUnavailable:
@@ -326,73 +359,132 @@ class ServingImages(ServingRequest):
         return f"{base.rstrip('/')}/v1/images/files/{name}"
 
 
+class UploadSource:
+    """An input image uploaded in a multipart form."""
+
+    def __init__(self, upload: UploadFile):
+        self.upload = upload
+
+    async def read(self, limit: int) -> bytes:
+        data = await self.upload.read(limit + 1)
+        if len(data) > limit:
+            raise FetchRefused(f"the file exceeds {limit} bytes")
+        return data
+
+
 class ServingEdits(ServingImages):
-    """POST /v1/images/edits (multipart): complete an input image. Its token rows above the
-    first row the mask marks (or `keep_rows`, default half the grid) are kept as the prompt's
-    prefix; the rest is redrawn under the prompt's condition. Every input is checked before
-    anything is admitted or computed."""
+    """POST /v1/images/edits (multipart, or JSON with the images by reference): complete an
+    input image. Its token rows above the first row the mask marks (or `keep_rows`, default
+    half the grid) are kept as the prompt's prefix; the rest is redrawn under the prompt's
+    condition. Every input is checked before anything is fetched, admitted or computed."""
 
     endpoint = "images.edits"
     partial_event = EditPartialImageEvent
     completed_event = EditCompletedEvent
+    form_model: ClassVar[type[ImageEditRequest | ImageVariationRequest]] = ImageEditRequest
+    files: ClassVar[tuple[str, ...]] = ("image", "mask")
 
-    async def create_from_form(self, form: FormData) -> ImagesResponse | EventSourceResponse:
+    async def create_from_form(self, form: FormData) -> Response:
         fields, files = self._split(form)
         body = self._body(fields)
-        self.check_count(body.n, "n")
-        self.check_size(body.size)
-        image_file = files.get("image")
-        if image_file is None:
+        if "image" not in files:
             raise ServiceError(400, "image: an image file is required", param="image",
                                code="missing_image")
-        data, image, media_type = await self._read(image_file, "image")
-        size, grid = self.model.image_size, self.model.grid_size
-        if "mask" in files:
-            if body.keep_rows is not None:
-                raise ServiceError(400, "keep_rows: give a mask or keep_rows, not both",
-                                   param="keep_rows", code="invalid_value")
-            _, mask, _ = await self._read(files["mask"], "mask")
-            if mask.size != image.size:
-                raise ServiceError(400, f"mask: it is {mask.width}x{mask.height}, the image "
-                                   f"{image.width}x{image.height}; they must match",
-                                   param="mask", code="invalid_mask")
-            keep_rows = await asyncio.to_thread(self._rows_above_mask, mask, size, grid)
-        else:
-            keep_rows = grid // 2 if body.keep_rows is None else body.keep_rows
-            if keep_rows >= grid:
-                raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
-                                   "rows; at least one is redrawn)", param="keep_rows",
-                                   code="invalid_value")
-        pixels = await asyncio.to_thread(fit_image, image, size)  # a resize: off the loop
+        mask = files.get("mask")
+        return await self.create(body, UploadSource(files["image"]),
+                                 None if mask is None else UploadSource(mask))
+
+    async def create_from_json(self, raw: bytes) -> Response:
+        try:
+            body = ImageEditJSONRequest.model_validate_json(raw, strict=True)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        if len(body.images) > 1:
+            raise ServiceError(400, f"images: {len(body.images)} images; an edit here "
+                               "completes one input image", param="images",
+                               code="invalid_value")
+        image = self._reference(body.images[0], "images.0")
+        mask = None if body.mask is None else self._reference(body.mask, "mask")
+        return await self.create(body, image, mask,
+                                 params=("images.0.image_url", "mask.image_url"))
+
+    def _reference(self, ref: ImageRef, param: str) -> ImageSource:
+        """A JSON image reference, checked without fetching it."""
+        if ref.file_id is not None:
+            raise ServiceError(400, f"{param}.file_id: this server has no Files API; send "
+                               "the image as image_url (a data: URL)",
+                               param=f"{param}.file_id", code="unsupported_file_id")
+        assert ref.image_url is not None
+        try:
+            return self.state.fetch_policy.source(ref.image_url)
+        except FetchRefused as e:
+            raise ServiceError(400, f"{param}.image_url: {e}", param=f"{param}.image_url",
+                               code="invalid_image_url") from None
+
+    async def create(self, body: ImageEditRequest | ImageVariationRequest,
+                     image: ImageSource, mask: ImageSource | None = None,
+                     params: tuple[str, str] = ("image", "mask")) -> Response:
+        """`params`: what the image and the mask are called in the request."""
+        self.check_count(body.n, "n")
+        size = self.output_size(body.size)
+        grid = self.model.grid_size
+        if mask is not None and body.keep_rows is not None:
+            raise ServiceError(400, "keep_rows: give a mask or keep_rows, not both",
+                               param="keep_rows", code="invalid_value")
+        keep_rows = grid // 2 if body.keep_rows is None else body.keep_rows
+        if keep_rows >= grid:
+            raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
+                               "rows; at least one is redrawn)", param="keep_rows",
+                               code="invalid_value")
+        self.check_condition()
+        data, picture, media_type = await self._read(image, params[0])
+        if mask is not None:
+            _, mask_image, _ = await self._read(mask, params[1])
+            if mask_image.size != picture.size:
+                raise ServiceError(400, f"mask: it is {mask_image.width}x{mask_image.height}"
+                                   f", the image {picture.width}x{picture.height}; they must "
+                                   "match", param="mask", code="invalid_mask")
+            keep_rows = await asyncio.to_thread(self._rows_above_mask, mask_image,
+                                                self.model.image_size, grid)
+        pixels = await asyncio.to_thread(fit_image, picture, self.model.image_size)
         self.configure(body, body.output_format, body.output_compression,
-                       EditSource(data, media_type, keep_rows, grid))
-        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
+                       EditSource(data, media_type, keep_rows, grid,
+                                  variation=isinstance(body, ImageVariationRequest)),
+                       size=size)
+        condition = await self.condition(body)
         try:
             codes = await self.service.encode_image(pixels)
         except BaseException:
-            if self.reservation is not None:
-                self.reservation.release()
+            self.release()
             raise
         return await self.respond(body, condition, codes[: keep_rows * grid],
                                   {"kept_rows": keep_rows})
 
-    @staticmethod
-    def _split(form: FormData) -> tuple[dict[str, str], dict[str, UploadFile]]:
+    def check_condition(self) -> None:
+        """What the edit is conditioned on can be had (checked before any input is read)."""
+
+    async def condition(self, body: ImageEditRequest | ImageVariationRequest) -> Condition:
+        """Room for the images, and the condition they are drawn under."""
+        assert isinstance(body, ImageEditRequest)
+        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
+        return condition
+
+    def _split(self, form: FormData) -> tuple[dict[str, str], dict[str, UploadFile]]:
         fields: dict[str, str] = {}
         files: dict[str, UploadFile] = {}
         for key, value in form.multi_items():
             name = "image" if key == "image[]" else key
             if isinstance(value, UploadFile):
-                if name not in ("image", "mask"):
+                if name not in self.files:
                     raise ServiceError(400, f"{key}: a file where text was expected",
                                        param=key, code="invalid_value")
                 if name in files:
-                    raise ServiceError(400, f"{key}: one {name} per edit (a LlamaGen edit "
-                                       "completes one input image)", param=key,
+                    raise ServiceError(400, f"{key}: one {name} per request (a LlamaGen "
+                                       "edit completes one input image)", param=key,
                                        code="invalid_value")
                 files[name] = value
             else:
-                if name in ("image", "mask"):
+                if name in self.files:
                     raise ServiceError(400, f"{key}: must be a file upload", param=key,
                                        code="invalid_value")
                 if name in fields:
@@ -401,31 +493,29 @@ class ServingEdits(ServingImages):
                 fields[name] = value
         return fields, files
 
-    @staticmethod
-    def _body(fields: dict[str, str]) -> ImageEditRequest:
+    def _body(self, fields: dict[str, str]) -> Any:
         """The form's text fields, typed by the request model as its schema says (booleans
         `true`/`false`, integers and numbers in JSON's notation), then validated strictly."""
         typed: dict[str, Any] = {}
+        for name, text in fields.items():
+            try:
+                typed[name] = form_value(self.form_model, name, text)
+            except ValueError as e:
+                raise ServiceError(400, f"{name}: {e}", param=name,
+                                   code="invalid_value") from None
         try:
-            for name, text in fields.items():
-                typed[name] = form_value(ImageEditRequest, name, text)
-            return ImageEditRequest.model_validate(typed, strict=True)
-        except ValueError as e:  # pydantic's ValidationError is a ValueError
-            if isinstance(e, ValidationError):
-                err = e.errors()[0]
-                param = ".".join(str(p) for p in err["loc"]) or None
-                message = f"{param}: {err['msg']}" if param else err["msg"]
-            else:
-                param, message = name, f"{name}: {e}"
-            raise ServiceError(400, message, param=param, code="invalid_value") from None
+            return self.form_model.model_validate(typed, strict=True)
+        except ValidationError as e:
+            raise validation_error(e) from None
 
-    async def _read(self, upload: UploadFile, param: str) -> tuple[bytes, PILImage, str]:
-        """An uploaded file -> (its bytes, the decoded image, its media type), or a 400."""
-        limit = self.state.settings.max_upload_bytes
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise ServiceError(400, f"{param}: the file exceeds {limit} bytes", param=param,
-                               code="image_too_large")
+    async def _read(self, source: ImageSource, param: str) -> tuple[bytes, PILImage, str]:
+        """An input image -> (its bytes, the decoded image, its media type), or a 400."""
+        try:
+            data = await source.read(self.state.settings.max_upload_bytes)
+        except FetchRefused as e:
+            raise ServiceError(400, f"{param}: {e}", param=param,
+                               code="image_too_large" if "exceeds" in str(e)
+                               else "invalid_image_url") from None
         try:
             image, spec = await asyncio.to_thread(
                 read_image, data, max_pixels=self.state.settings.max_upload_pixels)
@@ -444,6 +534,27 @@ class ServingEdits(ServingImages):
             raise ServiceError(400, "mask: no fully transparent pixel, so nothing to redraw",
                                param="mask", code="invalid_mask")
         return int(rows[0]) // (size // grid)
+
+
+class ServingVariations(ServingEdits):
+    """POST /v1/images/variations (multipart): the input image's top token rows
+    (`keep_rows`, default half the grid) are kept and the rest is redrawn under the null
+    condition, in both guidance streams: the model continues the picture as it sees fit."""
+
+    endpoint = "images.variations"
+    form_model = ImageVariationRequest
+    files = ("image",)
+
+    def check_condition(self) -> None:
+        if self.model.gpt.class_dropout_prob <= 0:
+            raise ServiceError(400, f"{self.service.name} was trained without a null "
+                               "condition, so it has no unconditional variations",
+                               param="model", code="unsupported_model")
+
+    async def condition(self, body: ImageEditRequest | ImageVariationRequest) -> Condition:
+        assert self.service.null_condition is not None
+        self.reserve(body.n)
+        return self.service.null_condition
 
 
 class ServingNative(ServingRequest):
@@ -517,8 +628,12 @@ class ServingNative(ServingRequest):
             seconds=round(event.seconds, 4))
 
 
-JSON_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
-JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
+MIN_OUTPUT_SIZE = 16
+# Longer integers are out of every field's range (and Python refuses to convert those of
+# over 4300 digits, with a message that is not for clients).
+JSON_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,29})")
+JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,29})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,3})?")
 
 
 def form_value(model: type[BaseModel], name: str, text: str) -> Any:
@@ -535,7 +650,7 @@ def form_value(model: type[BaseModel], name: str, text: str) -> Any:
         return text == "true"
     if int in kinds:
         if not JSON_INTEGER.fullmatch(text):
-            raise ValueError(f"expected an integer, got {text[:40]!r}")
+            raise ValueError(f"expected an integer (at most 30 digits), got {text[:40]!r}")
         return int(text)
     if float in kinds:
         if not JSON_NUMBER.fullmatch(text):

@@ -8,9 +8,11 @@ several values (`--model a b`) or JSON in the variable (`LLAMAGEN_MODEL='["a","b
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.credentials import SigningSettings
@@ -24,6 +26,11 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
                               "(default: the embedded demo model)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    served_model_name: list[str] = Field(
+        default_factory=list, description="the names clients use in `model` (vLLM's flag): "
+        "with one --model, NAME [NAME ...], the first reported by /v1/models; with several, "
+        "MODEL=NAME entries, MODEL a model directory's name (a model without one keeps its "
+        "own name); every name is accepted")
     api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY` "
                                       "on every /v1 route")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
@@ -34,6 +41,21 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
     max_upload_pixels: int = Field(64_000_000, ge=1, description="largest image or mask an "
                                    "edit decodes, in pixels (a guard against decompression "
                                    "bombs)")
+    default_response_format: Literal["both", "url", "b64_json"] = Field(
+        "both", description="what an OpenAI request that omits response_format gets: both "
+        "(`url` and `b64_json` in each image: clients that read either work), url or b64_json")
+    max_output_size: int = Field(2048, ge=16, le=8192, description="largest square `size` "
+                                 "delivered (resampled from the model's native size)")
+    strict_size: bool = Field(False, description="accept only `auto` and the model's native "
+                              "size (no resampling)")
+    image_url_hosts: list[str] = Field(
+        default_factory=list, description="hosts whose http(s) image URLs edits may fetch "
+        "(`*.example.com` matches its subdomains; default: none, only data: URLs)")
+    image_url_networks: list[str] = Field(
+        default_factory=list, description="private, loopback or link-local networks (CIDR) "
+        "those fetches may reach anyway (default: none; public addresses only)")
+    image_url_timeout_s: float = Field(10.0, gt=0, le=300, description="the longest an image "
+                                       "URL fetch may take, redirects included")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request "
                                     "headers are not complete within this is closed")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not received "
@@ -56,6 +78,41 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
     public_url: str | None = Field(None, description="base URL for image links (default: the "
                                    "request's own)")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("image_url_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for text in v:
+            ipaddress.ip_network(text, strict=False)  # a ValueError names the bad entry
+        return v
+
+    def served_names(self, models: list[str]) -> dict[str, list[str]]:
+        """Each model's names from --served-model-name (models: the directories' names, in
+        order), the first one reported. ValueError for an entry that names no served model
+        or a name two models share."""
+        names: dict[str, list[str]] = {m: [] for m in models}
+        for entry in self.served_model_name:
+            model, sep, name = entry.partition("=")
+            if not sep:
+                name = entry
+                if len(models) > 1:
+                    raise ValueError(f"--served-model-name {entry!r}: with several models, "
+                                     f"write MODEL=NAME, MODEL one of {', '.join(models)}")
+                model = models[0]
+            if model not in names:
+                raise ValueError(f"--served-model-name {entry!r}: no served model is named "
+                                 f"{model!r} (served: {', '.join(models)})")
+            if not name.strip():
+                raise ValueError(f"--served-model-name {entry!r}: the name is empty")
+            names[model].append(name)
+        chosen = {m: given or [m] for m, given in names.items()}
+        seen: dict[str, str] = {}
+        for model, given in chosen.items():
+            for name in given:
+                if seen.setdefault(name, model) != model:
+                    raise ValueError(f"--served-model-name: {name!r} names two models, "
+                                     f"{seen[name]} and {model}")
+        return chosen
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> ServerSettings:

@@ -120,6 +120,46 @@ def decode_b64(b64: str) -> tuple[Image.Image, bytes]:
     return Image.open(io.BytesIO(data)), data
 
 
+# ---- OpenAI's published contract ----
+
+# What OpenAI's schema requires of a response and of each stream event (the SDK's types
+# leave most of it optional).
+OPENAI_REQUIRED = {
+    "ImagesResponse": ("created", "data", "size", "output_format", "quality", "background",
+                       "usage"),
+    "partial_image": ("type", "b64_json", "created_at", "size", "quality", "background",
+                      "output_format", "partial_image_index"),
+    "completed": ("type", "b64_json", "created_at", "size", "quality", "background",
+                  "output_format", "usage"),
+}
+
+
+def nulls(node: object, path: str = "") -> list[str]:
+    """Where a JSON value holds null."""
+    if node is None:
+        return [path]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in nulls(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in nulls(v, f"{path}.{i}")]
+    return []
+
+
+def assert_openai(payload: dict, sdk_type: type) -> object:
+    """A response or stream event as OpenAI's schema has it: the fields it requires, no
+    null where it has strings, and the `openai` SDK's own type validates it strictly."""
+    kind = payload.get("type", "ImagesResponse").rpartition(".")[2]
+    missing = [f for f in OPENAI_REQUIRED[kind] if f not in payload]
+    assert not missing, (missing, sorted(payload))
+    assert not nulls(payload), nulls(payload)
+    return sdk_type.model_validate(payload, strict=True)
+
+
+def sse_payloads(response: httpx.Response) -> list[dict]:
+    """The JSON of every event of a streamed response."""
+    return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+
+
 # ---- the CLI ----
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

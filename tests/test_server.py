@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -24,12 +25,14 @@ from .helpers import (
     API_KEY,
     TINY_VQ,
     ServerProcess,
+    assert_openai,
     assert_pixels_close,
     decode_b64,
     deploy_metric_names,
     metric,
     pixels_close,
     read_credentials,
+    sse_payloads,
     tiny_config,
 )
 
@@ -63,7 +66,14 @@ def server(served_model, tmp_path_factory):
                        # process cannot set once an in-process vLLM engine has run in it
                        # (vLLM's CPU worker replaces torch.set_num_threads with a no-op).
                        "--decoder-preview-dtype", "float32",
-                       "--decoder-max-batch", "4") as proc:
+                       "--decoder-max-batch", "4",
+                       # The names clients hard-code, and the one host edits may fetch from
+                       # (an image server on 127.0.0.2, below); `localhost` is allowed as a
+                       # host but its address is not.
+                       "--served-model-name", "shapes", "dall-e-2", "gpt-image-1",
+                       "--image-url-hosts", "127.0.0.2", "localhost",
+                       "--image-url-networks", "127.0.0.2/32",
+                       "--image-url-timeout-s", "2") as proc:
         yield proc
 
 
@@ -252,7 +262,9 @@ def error_of(response: httpx.Response, status: int) -> dict:
     ({"json": {"prompt": 7}}, 400, "prompt"),
     ({"json": {"prompt": "1", "n": 0}}, 400, "n"),
     ({"json": {"prompt": "1", "n": 11}}, 400, "n"),
-    ({"json": {"prompt": "1", "size": "512x512"}}, 400, "size"),
+    ({"json": {"prompt": "1", "size": "512x384"}}, 400, "size"),            # not square
+    ({"json": {"prompt": "1", "size": "4096x4096"}}, 400, "size"),          # over the cap
+    ({"json": {"prompt": "1", "background": "transparent"}}, 400, "background"),
     ({"json": {"prompt": "1", "model": "dall-e-3"}}, 404, "model"),
     ({"json": {"prompt": "zebra"}}, 400, "prompt"),
     ({"json": {"prompt": "crane"}}, 400, "prompt"),                            # ambiguous
@@ -279,8 +291,8 @@ def test_bad_input_messages_are_helpful(server):
                            json={"prompt": "Crane"}).json()["error"]
     assert "4" in ambiguous["message"] and "5" in ambiguous["message"]
     size = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
-                      json={"prompt": "1", "size": "1024x1024"}).json()["error"]
-    assert "256x256" in size["message"]
+                      json={"prompt": "1", "size": "1792x1024"}).json()["error"]
+    assert "256x256" in size["message"] and "2048x2048" in size["message"]
     native = httpx.post(f"{server.url}/v1/generate", headers=AUTH, json={"labels": [3, 99]})
     assert error_of(native, 400)["param"] == "labels.1"
 
@@ -553,9 +565,12 @@ def test_bad_edits_get_a_400_that_says_why_and_nothing_runs(server, source_image
         if words:
             assert words in error["message"], error
     assert metric(server.metrics(), "llamagen_encoder_seconds_count", model="shapes") == before
-    not_multipart = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=30,
-                               json={"prompt": "1"})
-    assert "multipart/form-data" in error_of(not_multipart, 400)["message"]
+    no_images = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=30,
+                           json={"prompt": "1"})
+    assert error_of(no_images, 400)["param"] == "images"
+    not_a_form = httpx.post(f"{server.url}/v1/images/edits", timeout=30, content=b"prompt=1",
+                            headers={**AUTH, "Content-Type": "text/plain"})
+    assert "multipart/form-data" in error_of(not_a_form, 400)["message"]
 
 
 def test_native_prefix_tokens_are_checked(server):
@@ -631,6 +646,353 @@ def test_load_benchmark_closed_and_open_loop(server, tmp_path):
     for name in ("latency_cdf.png", "sweep.png"):
         assert Image.open(tmp_path / "plots" / name).size[0] > 100
     assert "HTTP server under load" in (tmp_path / "B.md").read_text()
+
+
+# ---- the clients users already run (shared/docs/milestone3-facts.md §1, from their source) ----
+
+def _image_as_read(payload: dict, reads: str) -> Image.Image:
+    """The first image of a response, read the way the client reads it."""
+    first = payload["data"][0]
+    if reads == "url" or (reads == "url, then b64_json" and "url" in first):
+        response = httpx.get(first["url"], headers=AUTH, timeout=30)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "image/")
+        return Image.open(io.BytesIO(response.content))
+    return decode_b64(first["b64_json"])[0]
+
+
+PROMPT = "yellow star"
+# client, its request as it sends it (fields, defaults, hard-coded values), how it reads the
+# answer, the image side it expects.
+CLIENT_REQUESTS = [
+    ("LangChain DallEAPIWrapper", {"prompt": PROMPT, "n": 1, "size": "1024x1024",
+                                   "model": "dall-e-2"}, "url", 1024),
+    ("Open WebUI", {"model": "dall-e-2", "prompt": PROMPT, "n": 1, "size": "512x512",
+                    "response_format": "b64_json"}, "url, then b64_json", 512),
+    ("Open WebUI, a gpt-image model", {"model": "gpt-image-1", "prompt": PROMPT, "n": 1,
+                                       "size": "1024x1024"}, "url, then b64_json", 1024),
+    ("LibreChat", {"model": "gpt-image-1", "prompt": PROMPT, "n": 1, "background": "auto",
+                   "output_format": "webp", "output_compression": 90, "quality": "auto",
+                   "size": "auto", "response_format": "b64_json"}, "b64_json", 256),
+    ("openai SDK defaults", {"model": "dall-e-2", "prompt": PROMPT}, "url", 256),
+]
+EDIT_REQUESTS = [
+    ("Open WebUI edit", "image", {"model": "dall-e-2", "prompt": PROMPT, "n": "1",
+                                  "size": "512x512", "background": "auto",
+                                  "response_format": "b64_json"}, "url, then b64_json", 512),
+    ("LibreChat edit", "image[]", {"model": "gpt-image-1", "prompt": PROMPT, "n": "1",
+                                   "background": "auto", "output_format": "webp",
+                                   "output_compression": "90", "quality": "auto",
+                                   "size": "auto", "response_format": "b64_json"},
+     "b64_json", 256),
+]
+
+
+@pytest.mark.parametrize("name,body,reads,side", CLIENT_REQUESTS,
+                         ids=[row[0] for row in CLIENT_REQUESTS])
+def test_what_real_clients_send_works(server, name, body, reads, side):
+    response = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, json=body,
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert_openai(payload, openai.types.ImagesResponse)
+    assert payload["size"] == f"{side}x{side}" and payload["native_size"] == "256x256"
+    assert _image_as_read(payload, reads).size == (side, side)
+
+
+@pytest.mark.parametrize("name,field,fields,reads,side", EDIT_REQUESTS,
+                         ids=[row[0] for row in EDIT_REQUESTS])
+def test_what_real_clients_send_as_edits_works(server, source_image, name, field, fields,
+                                               reads, side):
+    response = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60,
+                          data=fields, files={field: ("in.png", source_image[0], "image/png")})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert_openai(payload, openai.types.ImagesResponse)
+    assert _image_as_read(payload, reads).size == (side, side)
+
+
+def test_served_model_names(client, server):
+    """--served-model-name shapes dall-e-2 gpt-image-1: the first is reported, every one
+    is accepted, metrics name the first."""
+    assert [m.id for m in client.models.list().data] == ["shapes"]
+    before = metric(server.metrics(), "llamagen_images_generated_total", model="shapes")
+    for name in ("dall-e-2", "gpt-image-1", "shapes"):
+        assert len(client.images.generate(model=name, prompt="1", response_format="b64_json",
+                                          extra_body={"seed": 1}).data) == 1
+    after = metric(server.metrics(), "llamagen_images_generated_total", model="shapes")
+    assert after == before + 3
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="dall-e-3", prompt="1")
+
+
+def test_resampled_sizes_say_so_in_provenance(client, served_model):
+    """A square size other than the native one is a Lanczos resampling of the native image;
+    the response, the file's record and its signed manifest say so."""
+    native = client.images.generate(prompt="2", response_format="b64_json",
+                                    extra_body={"seed": 9, "temperature": 0})
+    large = client.images.generate(prompt="2", size="512x512", response_format="b64_json",
+                                   extra_body={"seed": 9, "temperature": 0})
+    assert large.size == "512x512" and large.model_extra["native_size"] == "256x256"
+    image, data = decode_b64(large.data[0].b64_json)
+    assert image.size == (512, 512)
+    small = np.asarray(decode_b64(native.data[0].b64_json)[0])
+    expected = np.asarray(Image.fromarray(small).resize((512, 512), Image.Resampling.LANCZOS))
+    assert_pixels_close(np.asarray(image), expected)
+    record = read_metadata(data)
+    assert record["resampled"] == {"native_size": "256x256", "size": "512x512",
+                                   "filter": "lanczos"}
+    state, manifest = read_credentials(data, "png")
+    assert state == "Valid"
+    (actions,) = [a["data"]["actions"] for a in manifest["assertions"]
+                  if a["label"].startswith("c2pa.actions")]
+    assert [a["action"] for a in actions] == ["c2pa.created", "c2pa.resized"]
+    assert "256x256 to 512x512" in actions[1]["description"]
+    assert "resampled" not in read_metadata(decode_b64(native.data[0].b64_json)[1])
+
+
+def test_responses_and_events_match_openais_schema(server, source_image):
+    """Every response and stream event validates as OpenAI's published shapes (the SDK's
+    own types, strictly; no null; the fields the schema requires); usage counts the class
+    token as the prompt's text token."""
+    def post(path: str, **kwargs) -> httpx.Response:
+        response = httpx.post(f"{server.url}{path}", headers=AUTH, timeout=60, **kwargs)
+        assert response.status_code == 200, response.text
+        return response
+
+    types = openai.types
+    for response_format in ("b64_json", "url", None):
+        body = {"prompt": "1", "n": 2, "seed": 3}
+        if response_format:
+            body["response_format"] = response_format
+        payload = post("/v1/images/generations", json=body).json()
+        assert_openai(payload, types.ImagesResponse)
+        usage = payload["usage"]
+        assert usage["input_tokens_details"] == {"text_tokens": 2, "image_tokens": 0}
+        assert usage["output_tokens"] == 2 * 256
+        # Omitted: both fields, so that clients reading either work.
+        fields = {"b64_json", "url"} if response_format is None else {response_format}
+        assert all(fields <= set(image) for image in payload["data"])
+    events = sse_payloads(post("/v1/images/generations", json={
+        "prompt": "1", "stream": True, "partial_images": 2, "size": "128x128"}))
+    assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    for event in events:
+        kind = types.ImageGenPartialImageEvent if "partial" in event["type"] \
+            else types.ImageGenCompletedEvent
+        assert_openai(event, kind)
+        assert event["size"] == "128x128" and decode_b64(event["b64_json"])[0].size == (128, 128)
+    files = {"image": ("in.png", source_image[0], "image/png")}
+    edit = post("/v1/images/edits", files=files, data={"prompt": "2", "keep_rows": "4"}).json()
+    assert_openai(edit, types.ImagesResponse)
+    assert edit["usage"]["input_tokens_details"] == {"text_tokens": 1, "image_tokens": 64}
+    events = sse_payloads(post("/v1/images/edits", files=files, data={
+        "prompt": "2", "stream": "true", "partial_images": "1"}))
+    assert_openai(events[0], types.ImageEditPartialImageEvent)
+    assert_openai(events[1], types.ImageEditCompletedEvent)
+    variation = post("/v1/images/variations", files=files).json()
+    assert_openai(variation, types.ImagesResponse)
+
+
+def _data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def test_json_edit_with_a_data_url_equals_the_multipart_edit(server, source_image):
+    """OpenAI's JSON edits (images by reference): a data: URL gives exactly the image the
+    same multipart edit gives."""
+    data = source_image[0]
+    options = {"prompt": "blue square", "keep_rows": 6, "temperature": 0,
+               "response_format": "b64_json"}
+    as_json = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60,
+                         json={**options, "images": [{"image_url": _data_url(data)}]})
+    as_form = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60,
+                         files={"image": ("in.png", data, "image/png")},
+                         data={k: str(v) for k, v in options.items()})
+    assert as_json.status_code == 200, as_json.text
+    a, b = (decode_b64(r.json()["data"][0]["b64_json"]) for r in (as_json, as_form))
+    assert_pixels_close(np.asarray(a[0]), np.asarray(b[0]))
+    assert read_metadata(a[1])["edit"] == read_metadata(b[1])["edit"]
+    # A mask by reference as well.
+    masked = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60, json={
+        "prompt": "3", "images": [{"image_url": _data_url(data)}],
+        "mask": {"image_url": _data_url(mask_from_row(256, 256, 160))}})
+    assert masked.status_code == 200 and masked.json()["data"][0]["kept_rows"] == 10
+
+
+class ImageHost:
+    """An HTTP server on 127.0.0.2 (allowed by the server's --image-url-networks) serving
+    an image, a redirect to it, a redirect to loopback (not allowed), an oversized and a
+    slow answer."""
+
+    def __init__(self, png: bytes, loopback_port: int):
+        import http.server
+
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host.paths.append(self.path)
+                if self.path == "/star.png":
+                    self._send(200, png)
+                elif self.path == "/hop":
+                    self._redirect("/star.png")
+                elif self.path == "/to-loopback":  # an allowed host, a loopback address
+                    self._redirect(f"http://localhost:{loopback_port}/v1/models")
+                elif self.path == "/big.png":
+                    self._send(200, b"\x89PNG" + b"\0" * 300_000)
+                elif self.path == "/slow.png":
+                    time.sleep(4)
+                    self._send(200, png)
+                else:
+                    self._send(404, b"")
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body)
+
+            def _redirect(self, location: str) -> None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.paths: list[str] = []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_image_urls_are_fetched_only_where_allowed(server, source_image):
+    """SSRF: an http(s) image URL is fetched only from an allowed host at an allowed
+    address, and every redirect is checked again; oversized and slow fetches stop at their
+    limits; file_id and several images are clear 400s. Nothing refused reaches the host."""
+    port = int(server.url.rsplit(":", 1)[1])
+    host = ImageHost(source_image[0], port)
+    try:
+        def edit(url: str | None = None, **body) -> httpx.Response:
+            body.setdefault("images", [{"image_url": url}])
+            return httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60,
+                              json={"prompt": "1", "response_format": "b64_json", **body})
+
+        fetched = edit(f"{host.url}/star.png")
+        assert fetched.status_code == 200, fetched.text
+        assert edit(f"{host.url}/hop").status_code == 200  # a redirect to an allowed URL
+        refused = [
+            (f"http://127.0.0.1:{port}/v1/models", "images.0.image_url", "not among the hosts"),
+            (f"http://localhost:{port}/x.png", "images.0.image_url", "non-public address"),
+            (f"{host.url}/to-loopback", "images.0.image_url", "non-public address"),
+            (f"{host.url}/big.png", "images.0.image_url", "exceeds 200000 bytes"),
+            (f"{host.url}/slow.png", "images.0.image_url", "within 2 s"),
+            ("ftp://127.0.0.2/x.png", "images.0.image_url", "data: URL"),
+            ("file:///etc/passwd", "images.0.image_url", "data: URL"),
+            (host.url.replace("//", "//user:pw@") + "/star.png", "images.0.image_url",
+             "credentials"),
+            ("data:text/plain;base64,aGVsbG8=", "images.0.image_url", "not an image"),
+            ("data:image/png;base64,%%%", "images.0.image_url", "not valid base64"),
+        ]
+        for url, param, words in refused:
+            error = error_of(edit(url), 400)
+            assert error["param"] == param and words in error["message"], (url, error)
+        assert "/v1/models" not in " ".join(host.paths)
+        error = error_of(edit(images=[{"file_id": "file-abc"}]), 400)
+        assert error["param"] == "images.0.file_id" and "Files API" in error["message"]
+        two = [{"image_url": _data_url(source_image[0])}] * 2
+        assert error_of(edit(images=two), 400)["param"] == "images"
+        # Checked before anything is fetched: a bad field refuses the request at once.
+        seen = len(host.paths)
+        assert error_of(edit(f"{host.url}/star.png", n=11), 400)["param"] == "n"
+        assert len(host.paths) == seen
+    finally:
+        host.close()
+
+
+def test_variations_redraw_without_a_condition(client, served_model, source_image):
+    """A variation keeps the top rows and redraws the rest under the null class, in both
+    streams: greedy, exactly the reference loop's completion with the null class."""
+    import torch
+
+    from model_registry.generate import generate
+
+    data, pixels = source_image
+    result = client.images.create_variation(image=("in.png", data, "image/png"), n=2,
+                                            response_format="b64_json",
+                                            extra_body={"temperature": 0})
+    assert len(result.data) == 2 and result.size == "256x256"
+    assert result.usage.input_tokens_details.image_tokens == 2 * 128
+    assert result.usage.input_tokens_details.text_tokens == 0
+    prefix = input_codes(served_model, pixels)[: 8 * 16]
+    null = served_model.gpt.null_class
+    tokens = generate(served_model.load_reference(), torch.tensor([null]), cfg_scale=1.0,
+                      greedy=True, prefix=torch.tensor([prefix]))
+    decoder = served_model.vq_decoder(dtype=torch.float32)
+    expected = decoder.decode_uint8(tokens.view(1, 16, 16)).numpy()[0]
+    image, file = decode_b64(result.data[0].b64_json)
+    assert_pixels_close(np.asarray(image), expected)
+    assert result.data[0].model_extra["kept_rows"] == 8
+    meta = read_metadata(file)
+    assert meta["unconditional"] is True and meta["edit"]["variation"] is True
+    assert meta["sampling"]["cfg_scale"] == 1.0 and "class_label" not in meta
+    state, manifest = read_credentials(file, "png")
+    assert state == "Valid"
+    (actions,) = [a["data"]["actions"] for a in manifest["assertions"]
+                  if a["label"].startswith("c2pa.actions")]
+    assert "without a condition" in actions[1]["description"]
+    wider = client.images.create_variation(image=("in.png", data, "image/png"), size="512x512",
+                                           extra_body={"keep_rows": 2, "seed": 4})
+    assert decode_b64(wider.data[0].b64_json)[0].size == (512, 512)
+    assert wider.data[0].model_extra["kept_rows"] == 2
+    for fields, param in [({"cfg_scale": "3"}, "cfg_scale"), ({"prompt": "1"}, "prompt"),
+                          ({"keep_rows": "16"}, "keep_rows")]:
+        response = httpx.post(f"{server_url(client)}/v1/images/variations", headers=AUTH,
+                              timeout=30, data=fields,
+                              files={"image": ("in.png", data, "image/png")})
+        assert error_of(response, 400)["param"] == param
+
+
+def server_url(client: openai.OpenAI) -> str:
+    return str(client.base_url).rstrip("/").removesuffix("/v1")
+
+
+def test_huge_numbers_get_our_message(server, source_image):
+    """Integers Python will not convert (over 4300 digits) are refused in our words."""
+    files = {"image": ("in.png", source_image[0], "image/png")}
+    for fields, param in [({"prompt": "9" * 32000}, "prompt"), ({"seed": "9" * 5000}, "seed")]:
+        response = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=30,
+                              files=files, data={"prompt": "1", **fields})
+        error = error_of(response, 400)
+        assert error["param"] == param and "4300" not in error["message"], error
+    response = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=30, json={
+        "prompt": "9" * 32000, "images": [{"image_url": _data_url(source_image[0])}]})
+    error = error_of(response, 400)
+    assert error["param"] == "prompt" and "out of range" in error["message"], error
+
+
+def test_litellm_sdk_generates_and_edits(server, source_image, monkeypatch):
+    """LiteLLM's SDK (pinned), as its users call it: openai/<name> with api_base."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    base = f"{server.url}/v1"
+    made = litellm.image_generation(model="openai/dall-e-2", prompt=PROMPT, api_base=base,
+                                    api_key=API_KEY, size="512x512")
+    image = made.data[0]
+    assert decode_b64(image.b64_json)[0].size == (512, 512) and image.url
+    edited = litellm.image_edit(model="openai/gpt-image-1", prompt=PROMPT, api_base=base,
+                                api_key=API_KEY,
+                                image=io.BytesIO(source_image[0]))
+    assert decode_b64(edited.data[0].b64_json)[0].size == (256, 256)
 
 
 def test_sigterm_drains_in_flight_work(server):

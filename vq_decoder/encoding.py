@@ -65,9 +65,12 @@ EXIF_IMAGE_DESCRIPTION, EXIF_SOFTWARE, EXIF_DATETIME = 0x010E, 0x0131, 0x0132
 def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
                sampling: dict[str, Any], software: str, label: int | None = None,
                class_name: str | None = None, prompt: str | None = None,
-               edit: dict[str, Any] | None = None) -> dict[str, Any]:
+               unconditional: bool = False, edit: dict[str, Any] | None = None,
+               resampled: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record every image carries; `edit` (for a completion of an input image: rows
-    kept, the input's sha256) makes its digital source type a composite."""
+    kept, the input's sha256) makes its digital source type a composite; `unconditional`:
+    drawn under the null condition (a variation); `resampled`: the size drawn, the size
+    delivered and the filter between them."""
     record: dict[str, Any] = {
         "model": model, "checkpoint_sha256": checkpoint_sha256, "seed": seed,
         "sampling": sampling, "software": software,
@@ -82,7 +85,23 @@ def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
         record["class_name"] = class_name
     if prompt is not None:
         record["prompt"] = prompt
+    if unconditional:
+        record["unconditional"] = True
+    if resampled is not None:
+        record["resampled"] = resampled
     return record
+
+
+# A size other than the model's native one is resampled with Lanczos (a windowed sinc:
+# sharp edges without the blockiness of nearest-neighbour or the blur of bilinear; Pillow's
+# implementation also antialiases when shrinking).
+RESAMPLE_FILTER = "lanczos"
+
+
+def resample(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3), with RESAMPLE_FILTER."""
+    image = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
 
 
 def _xmp(record: dict[str, Any]) -> bytes:

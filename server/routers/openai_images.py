@@ -1,24 +1,29 @@
-"""The OpenAI-compatible surface: /v1/images/generations, /v1/models, /v1/images/files."""
+"""The OpenAI-compatible surface: /v1/images/generations, edits and variations, /v1/models,
+/v1/images/files."""
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
+from pydantic import BaseModel
 
-from server.deps import AppState, accepting, get_state, read_form, require_api_key
+from server.deps import AppState, accepting, content_type, get_state, read_form, require_api_key
 from server.errors import GENERATION_ERRORS, SSE_EVENT, ServiceError, error_responses
 from server.image_store import StoreUnavailable
 from server.protocol import (
+    ImageEditJSONRequest,
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationRequest,
     ModelCard,
     ModelList,
 )
-from server.serving import ServingEdits, ServingImages
+from server.serving import ServingEdits, ServingImages, ServingVariations
 from vq_decoder.encoding import IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
@@ -36,23 +41,31 @@ def list_models(state: AppState = Depends(get_state)) -> ModelList:
         for name, s in state.services.items()])
 
 
-@router.post("/images/generations", response_model=None, responses={
-    200: {"model": ImagesResponse, "content": {"text/event-stream": {"schema": {
-        **SSE_EVENT, "description": "with `stream`: image_generation.partial_image and "
-        "image_generation.completed events (or one `error` event)"}}}},
-    **GENERATION_ERRORS})
+IMAGES_RESPONSE = {"model": ImagesResponse}
+
+
+def _image_responses(events: str) -> dict[int | str, dict[str, Any]]:
+    """The 200 (JSON, or a stream of `events` events) and every error status."""
+    return {200: {**IMAGES_RESPONSE, "content": {"text/event-stream": {"schema": {
+        **SSE_EVENT, "description": f"with `stream`: {events}.partial_image and "
+        f"{events}.completed events (or one `error` event)"}}}}, **GENERATION_ERRORS}
+
+
+@router.post("/images/generations", response_model=None,
+             responses=_image_responses("image_generation"))
 async def create_image(body: ImageGenerationRequest, request: Request,
-                       state: AppState = Depends(accepting)
-                       ) -> ImagesResponse | EventSourceResponse:
+                       state: AppState = Depends(accepting)) -> Response:
     return await ServingImages(state, request, body.model).create(body)
 
 
 EDITS_PATH = "/v1/images/edits"
+VARIATIONS_PATH = "/v1/images/variations"
+BINARY = {"type": "string", "format": "binary"}
 
 
-def _edit_form_schema() -> dict:
-    """The multipart body: ImageEditRequest's fields beside the `image` and `mask` files."""
-    schema = ImageEditRequest.model_json_schema()
+def form_schema(model: type[BaseModel], files: dict[str, str]) -> dict[str, Any]:
+    """A multipart body: the model's fields beside `files` (name: description)."""
+    schema = inline_defs(model.model_json_schema())
     # A form has no null: an optional field is left out instead.
     for name, prop in schema["properties"].items():
         options = [o for o in prop.get("anyOf", ()) if o.get("type") != "null"]
@@ -61,34 +74,84 @@ def _edit_form_schema() -> dict:
             schema["properties"][name] = {**options[0], **rest}
             if rest.get("default", 0) is None:
                 del schema["properties"][name]["default"]
-    binary = {"type": "string", "format": "binary"}
-    schema["properties"] = {
-        "image": {**binary, "description": "PNG, JPEG or WebP; fitted to the model's size "
-                  "(centre crop, as the original prepares images)"},
-        "mask": {**binary, "description": "PNG with alpha, the image's size: redrawing "
-                 "starts at the first token row holding a fully transparent pixel"},
-        **schema["properties"]}
-    schema["required"] = ["image", *schema.get("required", [])]
+    schema["properties"] = {**{name: {**BINARY, "description": text}
+                               for name, text in files.items()}, **schema["properties"]}
+    schema["required"] = [next(iter(files)), *schema.get("required", [])]
     return schema
 
 
+def inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` written in place (an OpenAPI request body's
+    schema cannot point into itself)."""
+    defs = schema.pop("$defs", {})
+
+    def expand(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return expand(defs[ref.removeprefix("#/$defs/")])
+            return {k: expand(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [expand(v) for v in node]
+        return node
+
+    return expand(schema)
+
+
+IMAGE_FILE = ("PNG, JPEG or WebP; fitted to the model's size (centre crop, as the original "
+              "prepares images)")
+
+
 @router.post("/images/edits", response_model=None, openapi_extra={"requestBody": {
-    "required": True, "content": {"multipart/form-data": {"schema": _edit_form_schema()}}}},
-    responses={200: {"model": ImagesResponse, "content": {"text/event-stream": {"schema": {
-        **SSE_EVENT, "description": "with `stream`: image_edit.partial_image and "
-        "image_edit.completed events (or one `error` event)"}}}},
-    **GENERATION_ERRORS})
-async def edit_image(request: Request, state: AppState = Depends(accepting)
-                     ) -> ImagesResponse | EventSourceResponse:
+    "required": True, "content": {
+        "multipart/form-data": {"schema": form_schema(ImageEditRequest, {
+            "image": f"{IMAGE_FILE} (`image[]` as openai-python sends a list: one file)",
+            "mask": "PNG with alpha, the image's size: redrawing starts at the first token "
+                    "row holding a fully transparent pixel"})},
+        "application/json": {"schema": inline_defs(ImageEditJSONRequest.model_json_schema())},
+    }}}, responses=_image_responses("image_edit"))
+async def edit_image(request: Request, state: AppState = Depends(accepting)) -> Response:
     """Complete an image: its token rows above the mask (or `keep_rows`) are kept, the rest
-    is redrawn for `prompt`."""
-    form = await read_form(request)
+    is redrawn for `prompt`. Multipart with the files, or JSON with the images by reference
+    (`data:` URLs; http(s) only from the hosts the server allows)."""
+    if content_type(request) == "application/json":
+        raw = await request.body()
+        model = _json_model(raw)
+        return await ServingEdits(state, request, model).create_from_json(raw)
+    form = await read_form(request, extra=" (or application/json with images by reference)")
     try:
         model = form.get("model")  # a file there is refused with the other fields
         serving = ServingEdits(state, request, model if isinstance(model, str) else None)
         return await serving.create_from_form(form)
     finally:
         await form.close()  # the uploads are read before any response starts
+
+
+def _json_model(raw: bytes) -> str | None:
+    """The `model` a JSON body names, to pick the service (the body is validated later)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
+@router.post("/images/variations", response_model=None, openapi_extra={"requestBody": {
+    "required": True, "content": {"multipart/form-data": {"schema": form_schema(
+        ImageVariationRequest, {"image": IMAGE_FILE})}}}},
+    responses={200: IMAGES_RESPONSE, **GENERATION_ERRORS})
+async def create_variation(request: Request, state: AppState = Depends(accepting)
+                           ) -> Response:
+    """Variations of an image: its top token rows (`keep_rows`, default half the grid) kept,
+    the rest redrawn without a condition (the null class or caption)."""
+    form = await read_form(request, max_files=1)
+    try:
+        model = form.get("model")
+        serving = ServingVariations(state, request, model if isinstance(model, str) else None)
+        return await serving.create_from_form(form)
+    finally:
+        await form.close()
 
 
 @router.get("/images/files/{name}", response_class=Response, responses={
