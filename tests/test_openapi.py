@@ -35,6 +35,21 @@ def test_document_lists_every_status_and_content_type(server):
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
         for status in set(responses) - {"200"}:
             assert responses[status]["content"]["application/json"]["schema"] == envelope
+    # Edits take a form or JSON with the images by reference; variations a form.
+    edits = doc["paths"]["/v1/images/edits"]["post"]
+    assert set(edits["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    json_edit = edits["requestBody"]["content"]["application/json"]["schema"]
+    image_url = json_edit["properties"]["images"]["items"]["properties"]["image_url"]
+    assert image_url["anyOf"][0]["maxLength"] == 20_971_520  # OpenAI's limit
+    variations = doc["paths"]["/v1/images/variations"]["post"]
+    assert set(variations["requestBody"]["content"]) == {"multipart/form-data"}
+    assert "prompt" not in variations["requestBody"]["content"]["multipart/form-data"][
+        "schema"]["properties"]
+    for operation in (edits, variations):
+        assert set(operation["responses"]) == set(responses)
+    # A response's optional strings are absent, never null, as in OpenAI's schema.
+    image = doc["components"]["schemas"]["Image"]["properties"]
+    assert image["url"] == {"type": "string", "title": "Url"}
     metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert set(metrics) == {"text/plain"}
     assert httpx.get(f"{server.url}/metrics").headers["content-type"].startswith("text/plain")
@@ -49,6 +64,15 @@ def test_document_lists_every_status_and_content_type(server):
     response = httpx.post(f"{server.url}/v1/generate", headers=AUTH,
                           json={"labels": [1], "partial_images": False})
     assert response.status_code == 400 and response.json()["error"]["param"] == "partial_images"
+
+
+def test_a_huge_numeric_prompt_gets_our_message(server):
+    """Schemathesis once drew a 32,000-digit prompt: Python's own complaint came back."""
+    response = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH,
+                          json={"prompt": "9" * 32000})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "prompt", error
+    assert error["message"] == "class id of over 40 digits out of range 0..9"
 
 
 def test_schemathesis_finds_nothing(server):

@@ -102,6 +102,35 @@ def test_edit_completes_the_image_under_a_caption(client, server, t2i_model):
     assert np.abs(edited.astype(int) - native_pixels).max() <= 1
 
 
+def test_variation_redraws_under_the_null_caption(server, t2i_model):
+    """A t2i variation: greedy, the reference's completion under the learned null caption
+    (all 120 rows) in both streams, unguided; a JSON edit by data: URL works here too."""
+    import numpy as np
+
+    pixels = np.random.default_rng(4).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    response = httpx.post(f"{server.url}/v1/images/variations", headers=AUTH, timeout=120,
+                          files={"image": ("in.png", buf.getvalue(), "image/png")},
+                          data={"keep_rows": "3", "temperature": "0",
+                                "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    (image,) = response.json()["data"]
+    assert image["kept_rows"] == 3 and "revised_prompt" not in image
+    codes = t2i_model.vq_encoder(device="cpu").encode_uint8(torch.from_numpy(pixels)[None])
+    prefix = codes[0].flatten()[:24].tolist()
+    tokens = reference_t2i_tokens(t2i_model, [t2i_model.null_caption()], 1.0, prefix=[prefix])
+    expected = t2i_model.vq_decoder(dtype=torch.float32).decode_uint8(
+        torch.tensor(tokens).view(1, 8, 8)).numpy()[0]
+    varied = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))))
+    assert np.abs(varied.astype(int) - expected).max() <= 1
+    assert read_metadata(base64.b64decode(image["b64_json"]))["unconditional"] is True
+    url = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    edit = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=120, json={
+        "prompt": "a red boat", "images": [{"image_url": url}], "keep_rows": 3})
+    assert edit.status_code == 200 and edit.json()["data"][0]["revised_prompt"] == "a red boat"
+
+
 def test_over_long_prompt_is_truncated_to_120_tokens(client):
     result = client.images.generate(model="captions", prompt=LONG, n=1,
                                     extra_body={"temperature": 0})
