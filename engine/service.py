@@ -118,8 +118,8 @@ class ModelService:
         self.decoder: DecoderService | None = None
         self.encoder: EncoderService | None = None
         self.captions: CaptionService | None = None
-        # Variations: the null condition in both streams (t2i: made once at start).
-        self.null_condition = Condition.null(model) if not model.is_t2i else None
+        # Variations: the null condition in both streams (made once at start).
+        self.null_condition: Condition | None = None
         self.in_flight = 0  # images admitted and not finished
         self.last_progress = time.monotonic()
         self.throughput = metrics.ThroughputWindow(self.name)
@@ -169,6 +169,8 @@ class ModelService:
                 on_batch=self._observe_encode)
             await self.captions.start()
             self.null_condition = Condition.null(self.model, projection)
+        else:
+            self.null_condition = Condition.null(self.model)
 
     async def stop(self) -> None:
         if self.captions is not None:

@@ -35,6 +35,12 @@ MAX_REDIRECTS = 3
 class FetchRefused(Exception):
     """The reference is not fetched or not usable; the message is for the client."""
 
+    code = "invalid_image_url"
+
+
+class ImageTooLarge(FetchRefused):
+    code = "image_too_large"
+
 
 class ImageSource(Protocol):
     """An input image's bytes, read on demand within a byte limit."""
@@ -64,13 +70,13 @@ class DataUrl:
     async def read(self, limit: int) -> bytes:
         text = "".join(self.payload.split())
         if len(text) * 3 // 4 > limit + 2:
-            raise FetchRefused(f"the image exceeds {limit} bytes")
+            raise ImageTooLarge(f"the image exceeds {limit} bytes")
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise FetchRefused("the data: URL is not valid base64") from None
         if len(data) > limit:
-            raise FetchRefused(f"the image exceeds {limit} bytes")
+            raise ImageTooLarge(f"the image exceeds {limit} bytes")
         return data
 
 
@@ -201,11 +207,11 @@ def _checked(addresses: list[IPAddress], policy: FetchPolicy) -> IPAddress:
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise FetchRefused(f"the image exceeds {limit} bytes")
+        raise ImageTooLarge(f"the image exceeds {limit} bytes")
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():  # decoded: the limit is on the image
         size += len(chunk)
         if size > limit:
-            raise FetchRefused(f"the image exceeds {limit} bytes")
+            raise ImageTooLarge(f"the image exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)

@@ -32,7 +32,7 @@ from engine.vllm_api import EngineDead
 from server import metrics
 from server.deps import AppState, resolve_service, until_disconnected
 from server.errors import ServiceError, validation_error
-from server.fetch import FetchRefused, ImageSource
+from server.fetch import FetchRefused, ImageSource, ImageTooLarge
 from server.image_store import StoreUnavailable
 from server.protocol import (
     CompletedEvent,
@@ -341,19 +341,24 @@ class ServingImages(ServingRequest):
             assert isinstance(event, Finished)
             data = await self.encode(event.pixels, condition, event.seed)
             images[event.index] = Image(
-                url=await self._store(data) if formats in ("url", "both") else None,
+                url=await self._store(data, needed=formats == "url")
+                if formats in ("url", "both") else None,
                 b64_json=(base64.b64encode(data).decode()
                           if formats in ("b64_json", "both") else None),
                 seed=event.seed, class_label=condition.label,
                 revised_prompt=condition.caption, **found)
         return [img for img in images if img is not None]
 
-    async def _store(self, data: bytes) -> str:
+    async def _store(self, data: bytes, needed: bool = True) -> str | None:
+        """The stored image's URL. When the store fails: a 503 if the client asked for a
+        URL; None (the image goes as b64_json alone) if it asked for nothing in particular."""
         assert self.state.images is not None
         try:
             name = await self.state.images.save(data, self.writer.format)
         except StoreUnavailable:
             log.exception("image store failed", extra={"request_id": self.request_id})
+            if not needed:
+                return None
             raise ServiceError.store_unavailable() from None
         base = self.state.settings.public_url or str(self.request.base_url)
         return f"{base.rstrip('/')}/v1/images/files/{name}"
@@ -368,7 +373,7 @@ class UploadSource:
     async def read(self, limit: int) -> bytes:
         data = await self.upload.read(limit + 1)
         if len(data) > limit:
-            raise FetchRefused(f"the file exceeds {limit} bytes")
+            raise ImageTooLarge(f"the file exceeds {limit} bytes")
         return data
 
 
@@ -436,7 +441,7 @@ class ServingEdits(ServingImages):
             raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
                                "rows; at least one is redrawn)", param="keep_rows",
                                code="invalid_value")
-        self.check_condition()
+        self.check_condition(body)
         data, picture, media_type = await self._read(image, params[0])
         if mask is not None:
             _, mask_image, _ = await self._read(mask, params[1])
@@ -460,8 +465,11 @@ class ServingEdits(ServingImages):
         return await self.respond(body, condition, codes[: keep_rows * grid],
                                   {"kept_rows": keep_rows})
 
-    def check_condition(self) -> None:
-        """What the edit is conditioned on can be had (checked before any input is read)."""
+    def check_condition(self, body: ImageEditRequest | ImageVariationRequest) -> None:
+        """What the images are conditioned on can be had: checked before any input is read
+        or fetched (a c2i prompt names a class; admission resolves it again, cheaply)."""
+        if isinstance(body, ImageEditRequest) and not self.model.is_t2i:
+            self._classes([body.prompt], "prompt", indexed=False)
 
     async def condition(self, body: ImageEditRequest | ImageVariationRequest) -> Condition:
         """Room for the images, and the condition they are drawn under."""
@@ -513,9 +521,7 @@ class ServingEdits(ServingImages):
         try:
             data = await source.read(self.state.settings.max_upload_bytes)
         except FetchRefused as e:
-            raise ServiceError(400, f"{param}: {e}", param=param,
-                               code="image_too_large" if "exceeds" in str(e)
-                               else "invalid_image_url") from None
+            raise ServiceError(400, f"{param}: {e}", param=param, code=e.code) from None
         try:
             image, spec = await asyncio.to_thread(
                 read_image, data, max_pixels=self.state.settings.max_upload_pixels)
@@ -545,7 +551,7 @@ class ServingVariations(ServingEdits):
     form_model = ImageVariationRequest
     files = ("image",)
 
-    def check_condition(self) -> None:
+    def check_condition(self, body: ImageEditRequest | ImageVariationRequest) -> None:
         if self.model.gpt.class_dropout_prob <= 0:
             raise ServiceError(400, f"{self.service.name} was trained without a null "
                                "condition, so it has no unconditional variations",

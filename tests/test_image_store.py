@@ -136,8 +136,14 @@ def test_a_store_outage_fails_url_requests_only(tmp_path, monkeypatch):
         assert refused.status_code == 503 and "retry-after" in refused.headers
         assert refused.json()["error"]["code"] == "image_store_unavailable"
         b64 = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, timeout=60,
-                         json={"prompt": "1"})
+                         json={"prompt": "1", "response_format": "b64_json"})
         assert b64.status_code == 200 and b64.json()["data"][0]["b64_json"]
+        # Omitted (both, by default): the image still comes, as b64_json alone.
+        either = httpx.post(f"{server.url}/v1/images/generations", headers=AUTH, timeout=60,
+                            json={"prompt": "1"})
+        assert either.status_code == 200
+        (image,) = either.json()["data"]
+        assert image["b64_json"] and "url" not in image
         missing = httpx.get(f"{server.url}/v1/images/files/{'0' * 32}.png", headers=AUTH)
         assert missing.status_code == 503  # unknown is not the same as unreachable
     with pytest.raises(StoreUnavailable):

@@ -317,7 +317,7 @@ def test_openai_client_errors_map_to_sdk_exceptions(server):
         good.images.generate(prompt="1", n=11)
     assert e.value.param == "n" or e.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
-        good.images.generate(prompt="1", model="gpt-image-1")
+        good.images.generate(prompt="1", model="dall-e-3")  # not among the served names
 
 
 def test_request_id_echoed_or_generated(server):
@@ -913,6 +913,8 @@ def test_image_urls_are_fetched_only_where_allowed(server, source_image):
         # Checked before anything is fetched: a bad field refuses the request at once.
         seen = len(host.paths)
         assert error_of(edit(f"{host.url}/star.png", n=11), 400)["param"] == "n"
+        assert error_of(edit(f"{host.url}/star.png", prompt="zebra"), 400)["param"] == "prompt"
+        assert error_of(edit(f"{host.url}/star.png", size="9x3"), 400)["param"] == "size"
         assert len(host.paths) == seen
     finally:
         host.close()
