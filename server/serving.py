@@ -265,28 +265,15 @@ class ServingImages(ServingRequest):
         return await self.respond(body, condition)
 
     def output_size(self, size: str) -> int:
-        """The side of the square images delivered: the model's own for `auto`, another
-        square side (resampled) up to --max-output-size unless --strict-size; else a 400
-        that says what is accepted."""
-        native, settings = self.model.image_size, self.state.settings
-        if size == "auto":
-            return native
-        match = SIZE.fullmatch(size)
-        side = int(match[1]) if match and match[1] == match[2] else None
-        if side == native:
-            return native
-        if settings.strict_size:
-            accepted = f"'auto' or {native}x{native}"
-        else:
-            top = settings.max_output_size
-            accepted = (f"'auto', {native}x{native} (native) or a square size from "
-                        f"{MIN_OUTPUT_SIZE}x{MIN_OUTPUT_SIZE} to {top}x{top} (resampled)")
-        if side is None or settings.strict_size or not (
-                MIN_OUTPUT_SIZE <= side <= settings.max_output_size):
+        """The side of the square images delivered (a 400 saying what is accepted)."""
+        settings = self.state.settings
+        try:
+            return output_side(size, self.model.image_size, settings.max_output_size,
+                               strict=settings.strict_size)
+        except ValueError as e:
             raise ServiceError(400, f"size {size[:40]!r} is not supported by "
-                               f"{self.service.name}; accepted: {accepted}", param="size",
-                               code="unsupported_size")
-        return side
+                               f"{self.service.name}; accepted: {e}", param="size",
+                               code="unsupported_size") from None
 
     @property
     def size(self) -> str:
@@ -636,6 +623,24 @@ class ServingNative(ServingRequest):
 
 SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 MIN_OUTPUT_SIZE = 16
+
+
+def output_side(size: str, native: int, cap: int, *, strict: bool = False) -> int:
+    """`size` -> the side of the square images delivered: the model's own for `auto` and
+    its native size, another square side (resampled) from MIN_OUTPUT_SIZE to `cap` unless
+    `strict`. ValueError saying what is accepted."""
+    if size == "auto":
+        return native
+    match = SIZE.fullmatch(size)
+    side = int(match[1]) if match and match[1] == match[2] else None
+    if side == native:
+        return native
+    if strict:
+        raise ValueError(f"'auto' or {native}x{native}")
+    if side is None or not MIN_OUTPUT_SIZE <= side <= cap:
+        raise ValueError(f"'auto', {native}x{native} (native) or a square size from "
+                         f"{MIN_OUTPUT_SIZE}x{MIN_OUTPUT_SIZE} to {cap}x{cap} (resampled)")
+    return side
 # Longer integers are out of every field's range (and Python refuses to convert those of
 # over 4300 digits, with a message that is not for clients).
 JSON_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,29})")

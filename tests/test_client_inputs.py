@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from server.fetch import DataUrl, FetchPolicy, FetchRefused
+from server.serving import output_side
 from server.settings import ServerSettings
 from vq_decoder.encoding import resample
 
@@ -95,6 +96,20 @@ def test_data_urls():
                        ("data:image/png", "not a data: URL")]:
         with pytest.raises(FetchRefused, match=words):
             asyncio.run(DataUrl.parse(bad).read(1000))
+
+
+def test_sizes_accepted():
+    assert [output_side(s, 256, 2048) for s in ("auto", "256x256", "1024x1024", "16x16",
+                                                 "2048x2048")] == [256, 256, 1024, 16, 2048]
+    for size in ("1024x512", "15x15", "2049x2049", "0x0", "256", "256x256x3", "ax a",
+                 "0256x0256", "9" * 40 + "x1"):
+        with pytest.raises(ValueError, match="square size from 16x16 to 2048x2048"):
+            output_side(size, 256, 2048)
+    # --strict-size: the native size only.
+    assert output_side("auto", 256, 2048, strict=True) == 256
+    assert output_side("256x256", 256, 2048, strict=True) == 256
+    with pytest.raises(ValueError, match=r"^'auto' or 256x256$"):
+        output_side("512x512", 256, 2048, strict=True)
 
 
 def test_resample_keeps_a_flat_colour_and_the_size():
