@@ -24,6 +24,7 @@ checks it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -150,12 +151,27 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
     return kwargs
 
 
+class ChatWarmupFilter(logging.Filter):
+    """`vllm.LLM` warms up chat-template rendering when it starts, and logs "Chat template
+    warmup failed" with a traceback when that fails. A LlamaGen model has no tokenizer
+    (`skip_tokenizer_init`) and no chat template, so the failure is certain and harmless;
+    vLLM 0.32 has no engine argument that skips the warmup, so this drops that one record
+    of that one logger (`vllm.renderers.base`), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Chat template warmup failed"
+
+
+CHAT_WARMUP_FILTER = ChatWarmupFilter()
+
+
 def build_llm(model: ModelDir, settings: EngineSettings, **overrides: Any) -> Any:
     """An offline, in-process `vllm.LLM` for the model directory (overrides: more vLLM
     engine arguments)."""
     prepare_environment(settings, in_process=True)
     from vllm import LLM
 
+    logging.getLogger("vllm.renderers.base").addFilter(CHAT_WARMUP_FILTER)  # idempotent
     return LLM(**{**engine_kwargs(model, settings), **overrides})
 
 
