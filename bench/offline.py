@@ -26,7 +26,13 @@ from engine.conditions import Condition
 from engine.offline import OfflineGenerator
 from engine.sampling import SamplingOptions
 from engine.settings import TORCH_DTYPES, EngineSettings
-from engine.vllm_api import build_llm
+from engine.vllm_api import (
+    build_llm,
+    cpu_kv_cache_bytes,
+    kv_bytes_per_image,
+    kv_bytes_per_token,
+    kv_cache_tokens,
+)
 from model_registry.configs import GPT_MODELS, GPTConfig, task_config
 from model_registry.convert import convert
 from model_registry.generate import generate
@@ -59,13 +65,22 @@ def reference_inputs(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
 
 
 def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
-               task: str = "c2i") -> list[dict]:
+               task: str = "c2i", kv_cache_dtype: str = "auto") -> list[dict]:
     config = GPTConfig(**SIZES[size], **task_config(task, 256))
     options = OPTIONS[task]
     ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
     model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
     ckpt.unlink()
-    llm = build_llm(model, EngineSettings(dtype=dtype, max_num_seqs=max(batch_sizes)))
+    settings = EngineSettings(dtype=dtype, max_num_seqs=max(batch_sizes),
+                              kv_cache_dtype=kv_cache_dtype)
+    llm = build_llm(model, settings)
+    # Images in flight per GiB of KV cache: by our page count, and by what vLLM allocated
+    # (its tokens for the bytes given, in images of whole pages).
+    per_image = kv_bytes_per_image(model, dtype, kv_cache_dtype)
+    image_tokens = per_image // kv_bytes_per_token(model, dtype, kv_cache_dtype)
+    given_gib = cpu_kv_cache_bytes(model, settings, dtype) / 2**30
+    kv = {"kv_cache_dtype": kv_cache_dtype, "images_per_kv_gib": round(2**30 / per_image, 1),
+          "vllm_images_per_kv_gib": round(kv_cache_tokens(llm) / image_tokens / given_gib, 1)}
     engine = OfflineGenerator(model, llm)
     torch_dtype = TORCH_DTYPES[dtype]
     reference = model.load_reference(dtype=torch_dtype)
@@ -98,7 +113,7 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
                    for name in dict.fromkeys((dtype, "float32"))}
         condition = (sum(c.input_tokens for c in conds) / len(conds))
         achieved = bs * image_flops(config, round(condition)) / t_engine
-        row = {"size": size, "task": task, "dtype": dtype, "batch": bs,
+        row = {"size": size, "task": task, "dtype": dtype, **kv, "batch": bs,
                "tokens_per_image": config.block_size,
                "engine_s": round(t_engine, 3), "reference_s": round(t_ref, 3),
                "engine_images_per_s": round(bs / t_engine, 3),
@@ -114,7 +129,10 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
 
 
 def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
-                          json_out: Path, markdown_out: Path, task: str = "c2i") -> list[dict]:
+                          json_out: Path, markdown_out: Path, task: str = "c2i",
+                          kv_cache_dtypes: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """kv_cache_dtypes: one engine after another for each size (several: side by side in
+    this run, in that order)."""
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise ValueError(f"unknown size(s) {unknown}; choose from {', '.join(SIZES)}")
@@ -122,8 +140,9 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="llamagen-bench-") as tmp:
         for size in sizes:
-            rows += bench_size(size, batch_sizes, dtype, Path(tmp), task)
-            gc.collect()  # free this size's engine before the next starts
+            for kv_cache_dtype in kv_cache_dtypes:
+                rows += bench_size(size, batch_sizes, dtype, Path(tmp), task, kv_cache_dtype)
+                gc.collect()  # free this engine before the next starts
     options = OPTIONS[task]
     result = {"benchmark": "offline", "task": task, "command": command_line(), "machine": info,
               "sampling": options.model_dump(), "rows": rows}
@@ -132,8 +151,10 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     condition = ("class-conditional (1 condition token)" if task == "c2i" else
                  "text-conditional (120-slot caption prefix; random caption features of "
                  f"{', '.join(map(str, CAPTION_LENGTHS))} valid tokens, cycled)")
+    kv_note = ("" if tuple(kv_cache_dtypes) == ("auto",) else
+               f", KV cache {' vs '.join(kv_cache_dtypes)}")
     lines = [
-        f"## Offline generation ({task}): vLLM engine vs reference loop",
+        f"## Offline generation ({task}): vLLM engine vs reference loop{kv_note}",
         "",
         f"Command: `{result['command']}` ({info['date']}; {info['cpu']}, {info['cores']} cores, "
         f"GPU {info['gpu']}; torch {info['torch']}, vLLM {info['vllm']}).",
@@ -154,15 +175,20 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
         "shapes (`matmul_ceiling`: M = 2 x batch rows), measured in the same run, in the "
         "run's dtype (fp32 beside it).",
         "",
-        "| model | dtype | batch | engine images/s | reference images/s | engine / reference "
+        "| model | dtype | KV cache | images per KV GiB | batch | engine images/s "
+        "| reference images/s | engine / reference "
         "| GFLOP/image | engine GFLOP/s | matmul ceiling GFLOP/s (fp32) | engine / ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['size']} | {r['dtype']} | {r['batch']} | {r['engine_images_per_s']} | "
+    lines += [f"| {r['size']} | {r['dtype']} | {r['kv_cache_dtype']} | "
+              f"{r['images_per_kv_gib']} ({r['vllm_images_per_kv_gib']}) | "
+              f"{r['batch']} | {r['engine_images_per_s']} | "
               f"{r['reference_images_per_s']} | {r['speedup']}x | {r['gflop_per_image']} | "
               f"{r['engine_gflops']} | {r['matmul_ceiling_gflops'][r['dtype']]} "
               f"({r['matmul_ceiling_gflops']['float32']}) | "
               f"{100 * r['engine_vs_ceiling']:.0f}% |" for r in rows]
-    write_section(markdown_out, "offline" if task == "c2i" else f"offline-{task}",
-                  "\n".join(lines))
+    section = "offline" if task == "c2i" else f"offline-{task}"
+    if tuple(kv_cache_dtypes) != ("auto",):
+        section += "-kv"
+    write_section(markdown_out, section, "\n".join(lines))
     return rows

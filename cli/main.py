@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from engine.credentials import SigningError
+from engine.settings import KVCacheDType
 from model_registry.checkpoint import CheckpointError
 from model_registry.configs import ConfigError
 from model_registry.model_dir import load_model_dir
@@ -330,7 +331,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
     json_out = args.json_out or f"docs/bench_offline{'' if args.task == 'c2i' else '_t2i'}.json"
     run_offline_benchmark(sizes=args.sizes, batch_sizes=args.batch_sizes, dtype=args.dtype,
                           json_out=Path(json_out), markdown_out=Path(args.markdown_out),
-                          task=args.task)
+                          task=args.task, kv_cache_dtypes=tuple(args.kv_cache_dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--task", default="c2i", choices=["c2i", "t2i"],
                    help="class- or text-conditional models (t2i: random caption features)")
+    b.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
+                   choices=typing.get_args(KVCacheDType), help="vLLM's KV cache dtype; "
+                   "several: one engine after another, side by side in one run")
     b.add_argument("--json-out", help="default: docs/bench_offline.json (c2i), "
                    "docs/bench_offline_t2i.json (t2i)")
     b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")

@@ -15,6 +15,8 @@ import torch
 from pydantic import BaseModel, Field
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# vLLM's --kv-cache-dtype values (auto: the model's dtype).
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,6 +29,9 @@ class EngineSettings(BaseModel):
                               description="images generated concurrently (vLLM batch)")
     kv_cache_gib: float | None = Field(
         None, gt=0, description="CPU KV cache size in GiB (default: sized for max_num_seqs)")
+    kv_cache_dtype: KVCacheDType = Field(
+        "auto", description="vLLM's KV cache dtype: auto (the model's) or fp8 (one byte per "
+        "value: more images per GiB, approximate attention; see docs/BENCHMARKS.md)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1,
                                           description="fraction of GPU memory vLLM may use")
     cpu_threads: int | None = Field(None, ge=1,

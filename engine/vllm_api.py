@@ -64,20 +64,26 @@ def vllm_version() -> str:
 
 # ---- engine configuration ----
 
-def kv_bytes_per_token(model: ModelDir, dtype: str) -> int:
+def kv_bytes_per_token(model: ModelDir, dtype: str, kv_cache_dtype: str = "auto") -> int:
+    """`dtype`: the model's; an fp8 `kv_cache_dtype` stores one byte per value."""
     g = model.gpt
+    itemsize = 1 if kv_cache_dtype.startswith("fp8") else TORCH_DTYPES[dtype].itemsize
     # K and V, both CFG streams, every layer.
-    return 2 * 2 * g.n_layer * g.n_head * padded_head_size(g.head_dim) \
-        * TORCH_DTYPES[dtype].itemsize
+    return 2 * 2 * g.n_layer * g.n_head * padded_head_size(g.head_dim) * itemsize
+
+
+def kv_bytes_per_image(model: ModelDir, dtype: str, kv_cache_dtype: str = "auto") -> int:
+    """What one image holds of the KV cache: its length in whole pages, one spare page for
+    the scheduler's look-ahead."""
+    blocks = -(-model.max_model_len // CPU_KV_BLOCK_TOKENS) + 1
+    return blocks * CPU_KV_BLOCK_TOKENS * kv_bytes_per_token(model, dtype, kv_cache_dtype)
 
 
 def cpu_kv_cache_bytes(model: ModelDir, settings: EngineSettings, dtype: str) -> int:
     if settings.kv_cache_gib is not None:
         return int(settings.kv_cache_gib * 2**30)
-    # Room for max_num_seqs whole images: vLLM pages in blocks, so an image holds its length
-    # rounded up to whole blocks; one spare block per image for the scheduler's look-ahead.
-    blocks = -(-model.max_model_len // CPU_KV_BLOCK_TOKENS) + 1
-    return settings.max_num_seqs * blocks * CPU_KV_BLOCK_TOKENS * kv_bytes_per_token(model, dtype)
+    # Room for max_num_seqs whole images.
+    return settings.max_num_seqs * kv_bytes_per_image(model, dtype, settings.kv_cache_dtype)
 
 
 def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
@@ -137,6 +143,7 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
         logits_processors=[CFG_PROCESSOR],
         tensor_parallel_size=settings.tensor_parallel_size,
         seed=settings.seed,
+        kv_cache_dtype=settings.kv_cache_dtype,
         # Generation logprobs would be of the 2V-wide cond|uncond row; none are served.
         max_logprobs=0,
     )
@@ -173,6 +180,12 @@ def build_llm(model: ModelDir, settings: EngineSettings, **overrides: Any) -> An
 
     logging.getLogger("vllm.renderers.base").addFilter(CHAT_WARMUP_FILTER)  # idempotent
     return LLM(**{**engine_kwargs(model, settings), **overrides})
+
+
+def kv_cache_tokens(llm: Any) -> int:
+    """How many tokens an offline engine's KV cache holds, as vLLM allocated it."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return cache.num_gpu_blocks * cache.block_size
 
 
 def llm_dtype(llm: Any) -> torch.dtype:
