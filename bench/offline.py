@@ -65,21 +65,27 @@ def reference_inputs(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
 
 
 def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
-               task: str = "c2i", kv_cache_dtype: str = "auto") -> list[dict]:
+               task: str = "c2i", kv_cache_dtype: str = "auto", mode: str = "eager"
+               ) -> list[dict]:
+    """mode: eager, or compiled (vLLM's torch.compile of the model, on CPUs its inductor
+    backend)."""
     config = GPTConfig(**SIZES[size], **task_config(task, 256))
     options = OPTIONS[task]
     ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
     model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
     ckpt.unlink()
     settings = EngineSettings(dtype=dtype, max_num_seqs=max(batch_sizes),
-                              kv_cache_dtype=kv_cache_dtype)
+                              kv_cache_dtype=kv_cache_dtype, enforce_eager=mode == "eager")
+    started = time.perf_counter()
     llm = build_llm(model, settings)
+    start_s = time.perf_counter() - started
     # Images in flight per GiB of KV cache: by our page count, and by what vLLM allocated
     # (its tokens for the bytes given, in images of whole pages).
     per_image = kv_bytes_per_image(model, dtype, kv_cache_dtype)
     image_tokens = per_image // kv_bytes_per_token(model, dtype, kv_cache_dtype)
     given_gib = cpu_kv_cache_bytes(model, settings, dtype) / 2**30
-    kv = {"kv_cache_dtype": kv_cache_dtype, "images_per_kv_gib": round(2**30 / per_image, 1),
+    kv = {"mode": mode, "start_s": round(start_s, 1), "kv_cache_dtype": kv_cache_dtype,
+          "images_per_kv_gib": round(2**30 / per_image, 1),
           "vllm_images_per_kv_gib": round(kv_cache_tokens(llm) / image_tokens / given_gib, 1)}
     engine = OfflineGenerator(model, llm)
     torch_dtype = TORCH_DTYPES[dtype]
@@ -130,9 +136,10 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
 
 def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
                           json_out: Path, markdown_out: Path, task: str = "c2i",
-                          kv_cache_dtypes: tuple[str, ...] = ("auto",)) -> list[dict]:
-    """kv_cache_dtypes: one engine after another for each size (several: side by side in
-    this run, in that order)."""
+                          kv_cache_dtypes: tuple[str, ...] = ("auto",),
+                          modes: tuple[str, ...] = ("eager",)) -> list[dict]:
+    """kv_cache_dtypes, modes: one engine after another for each size and combination (side
+    by side in this run, in that order)."""
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise ValueError(f"unknown size(s) {unknown}; choose from {', '.join(SIZES)}")
@@ -140,9 +147,11 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="llamagen-bench-") as tmp:
         for size in sizes:
-            for kv_cache_dtype in kv_cache_dtypes:
-                rows += bench_size(size, batch_sizes, dtype, Path(tmp), task, kv_cache_dtype)
-                gc.collect()  # free this engine before the next starts
+            for mode in modes:
+                for kv_cache_dtype in kv_cache_dtypes:
+                    rows += bench_size(size, batch_sizes, dtype, Path(tmp), task,
+                                       kv_cache_dtype, mode)
+                    gc.collect()  # free this engine before the next starts
     options = OPTIONS[task]
     result = {"benchmark": "offline", "task": task, "command": command_line(), "machine": info,
               "sampling": options.model_dump(), "rows": rows}
@@ -153,6 +162,8 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
                  f"{', '.join(map(str, CAPTION_LENGTHS))} valid tokens, cycled)")
     kv_note = ("" if tuple(kv_cache_dtypes) == ("auto",) else
                f", KV cache {' vs '.join(kv_cache_dtypes)}")
+    if tuple(modes) != ("eager",):
+        kv_note += f", {' vs '.join(modes)}"
     lines = [
         f"## Offline generation ({task}): vLLM engine vs reference loop{kv_note}",
         "",
@@ -175,12 +186,14 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
         "shapes (`matmul_ceiling`: M = 2 x batch rows), measured in the same run, in the "
         "run's dtype (fp32 beside it).",
         "",
-        "| model | dtype | KV cache | images per KV GiB | batch | engine images/s "
+        "| model | dtype | engine (start-up s) | KV cache | images per KV GiB | batch "
+        "| engine images/s "
         "| reference images/s | engine / reference "
         "| GFLOP/image | engine GFLOP/s | matmul ceiling GFLOP/s (fp32) | engine / ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['size']} | {r['dtype']} | {r['kv_cache_dtype']} | "
+    lines += [f"| {r['size']} | {r['dtype']} | {r['mode']} ({r['start_s']}) | "
+              f"{r['kv_cache_dtype']} | "
               f"{r['images_per_kv_gib']} ({r['vllm_images_per_kv_gib']}) | "
               f"{r['batch']} | {r['engine_images_per_s']} | "
               f"{r['reference_images_per_s']} | {r['speedup']}x | {r['gflop_per_image']} | "
@@ -190,5 +203,7 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     section = "offline" if task == "c2i" else f"offline-{task}"
     if tuple(kv_cache_dtypes) != ("auto",):
         section += "-kv"
+    if tuple(modes) != ("eager",):
+        section += "-compiled"
     write_section(markdown_out, section, "\n".join(lines))
     return rows

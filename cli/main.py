@@ -331,7 +331,8 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
     json_out = args.json_out or f"docs/bench_offline{'' if args.task == 'c2i' else '_t2i'}.json"
     run_offline_benchmark(sizes=args.sizes, batch_sizes=args.batch_sizes, dtype=args.dtype,
                           json_out=Path(json_out), markdown_out=Path(args.markdown_out),
-                          task=args.task, kv_cache_dtypes=tuple(args.kv_cache_dtype))
+                          task=args.task, kv_cache_dtypes=tuple(args.kv_cache_dtype),
+                          modes=tuple(args.modes))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
                    choices=typing.get_args(KVCacheDType), help="vLLM's KV cache dtype; "
                    "several: one engine after another, side by side in one run")
+    b.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                   help="the model eager, or compiled by vLLM (torch.compile); several: "
+                   "side by side in one run")
     b.add_argument("--json-out", help="default: docs/bench_offline.json (c2i), "
                    "docs/bench_offline_t2i.json (t2i)")
     b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")

@@ -37,8 +37,10 @@ class EngineSettings(BaseModel):
     cpu_threads: int | None = Field(None, ge=1,
                                     description="CPU threads for the model (default: all cores)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (tensor parallel)")
-    enforce_eager: bool = Field(False, description="disable CUDA graphs on GPU (always eager "
-                                "on CPU)")
+    enforce_eager: bool | None = Field(
+        None, description="run the model eagerly: no torch.compile, no CUDA graphs (default: "
+        "compiled with CUDA graphs on GPUs, eager on CPUs, where compiling costs start-up "
+        "for a few percent; --no-enforce-eager compiles with vLLM's CPU backend)")
     seed: int = Field(0, description="engine seed (requests carry their own seeds)")
 
 

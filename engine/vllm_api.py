@@ -151,10 +151,10 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
         kwargs["enable_prompt_embeds"] = True  # captions arrive as embeddings
     if has_cuda():
         kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
-                      enforce_eager=settings.enforce_eager)
+                      enforce_eager=bool(settings.enforce_eager))
     else:
         kwargs.update(kv_cache_memory_bytes=cpu_kv_cache_bytes(model, settings, dtype),
-                      enforce_eager=True)
+                      enforce_eager=settings.enforce_eager is not False)
     return kwargs
 
 

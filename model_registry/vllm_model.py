@@ -39,6 +39,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -148,6 +149,11 @@ class LlamaGenBlock(nn.Module):
         return self.feed_forward(hidden_states), residual
 
 
+# vLLM compiles forward (and, on GPUs, captures it in CUDA graphs) over the number of
+# scheduled tokens; t2i positions are (rows, tokens), as for Qwen2-VL's M-RoPE.
+@support_torch_compile(dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {-1: "b"},
+                                         "intermediate_tensors": {0: "b"},
+                                         "inputs_embeds": {0: "b"}})
 class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
     # checkpoint name -> (parameter name, shard id), as llama.py's stacked_params_mapping.
     stacked_params_mapping: ClassVar[list[tuple[str, str, int]]] = [
