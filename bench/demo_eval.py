@@ -5,6 +5,13 @@ Images are generated through the real vLLM engine (fp32, seeded, the default sam
 temperature 1, no top-k at this codebook size), decoded by the VQ decoder and classified by
 the classifier shipped with the model, with guidance and without. The tokenizer's
 reconstruction PSNR is measured on freshly rendered images it never saw.
+
+Accuracy is coarse: an approximation (bf16, an fp8 KV cache, the compiled model) that
+changes the images' quality a little leaves it where it is. The Fréchet distance between the
+generated images and freshly rendered real ones, in the classifier's penultimate feature space
+(FID's formula, with this classifier for Inception), sees the distribution move; its noise
+floor, reported beside it (two independent real sets; the same model with another seed),
+says how large a difference has to be to mean anything.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from model_registry.demo.classifier import load_classifier
 from model_registry.demo.shapes import make_dataset, to_tensor_range
 from model_registry.demo.train import psnr
 from model_registry.model_dir import ModelDir, load_model_dir
+
+# Real images the generated ones are compared with (fresh renders, never trained on).
+REAL_SEED, REAL_SEED_2 = 424242, 434343
 
 
 def decode_all(model: ModelDir, tokens: list[list[int]], batch: int = 64) -> np.ndarray:
@@ -61,22 +71,43 @@ def tokenizer_psnr(model: ModelDir, n: int = 200, seed: int = 12345) -> float:
     return psnr(recon_u8, images)
 
 
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID's formula between two feature sets (N, D): |mu_a - mu_b|^2 + Tr(S_a + S_b -
+    2 (S_a S_b)^1/2); the trace of the root is the sum of the square roots of the
+    eigenvalues of S_a^1/2 S_b S_a^1/2 (symmetric, so no general matrix root is needed)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+    cross = np.sqrt(np.clip(middle, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
 def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
                   cfg_scale: float | None = None, grid_out: Path | None = None,
-                  llm: object | None = None) -> dict:
-    """Accuracy with guidance (cfg_scale, default: the model's) and without (cfg 1.0), at the
-    model's default sampling otherwise."""
+                  llm: object | None = None, settings: EngineSettings | None = None,
+                  noise_floor: bool = True) -> dict:
+    """Accuracy and the Fréchet distance to real images, with guidance (cfg_scale, default:
+    the model's) and without (cfg 1.0), at the model's default sampling otherwise.
+    `settings`: the engine's (default fp32, eager); `noise_floor`: also the distance
+    between two real sets, and between this guided run and one with other seeds."""
     model = load_model_dir(model_dir)
     guided = SamplingOptions.resolve(model.gpt.model_type, cfg_scale=cfg_scale, seed=seed)
     classifier = load_classifier(model.path)
     labels = [c for c in range(model.gpt.num_classes) for _ in range(per_class)]
+    settings = (settings or EngineSettings(dtype="float32")).model_copy(
+        update={"max_num_seqs": min(256, len(labels))})
     if llm is None:
-        llm = build_llm(model, EngineSettings(dtype="float32", max_num_seqs=min(256,
-                                                                                 len(labels))))
+        llm = build_llm(model, settings)
     engine = OfflineGenerator(model, llm)
     report: dict = {"model": model.name, "images_per_setting": len(labels), "seed": seed,
-                    "cfg_scale": guided.cfg_scale}
+                    "cfg_scale": guided.cfg_scale, "dtype": settings.dtype,
+                    "kv_cache_dtype": settings.kv_cache_dtype,
+                    "compiled": settings.enforce_eager is False}
+    real = classifier.embeddings(make_dataset(len(labels), seed=REAL_SEED)[0])
     conditions = [Condition(label=label) for label in labels]
+    guided_features = None
     for key, options in (("cfg", guided), ("no_cfg", guided.model_copy(update={"cfg_scale": 1.0}))):
         tokens, _ = engine.generate(conditions, options)
         pixels = decode_all(model, tokens)
@@ -86,7 +117,21 @@ def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
         report[f"per_class_accuracy_{key}"] = {
             name: round(float(correct[np.array(labels) == c].mean()), 3)
             for c, name in enumerate(model.class_names)}
-        if key == "cfg" and grid_out is not None:
-            sample_grid(model, pixels, labels, min(per_class, 8), grid_out)
+        features = classifier.embeddings(pixels)
+        report[f"frechet_{key}"] = round(frechet_distance(features, real), 3)
+        if key == "cfg":
+            guided_features = features
+            if grid_out is not None:
+                sample_grid(model, pixels, labels, min(per_class, 8), grid_out)
+    if noise_floor:
+        other_real = classifier.embeddings(make_dataset(len(labels), seed=REAL_SEED_2)[0])
+        # Image i draws with seed + i: the other run starts past this run's seeds.
+        reseeded = guided.model_copy(update={"seed": seed + len(labels)})
+        tokens, _ = engine.generate(conditions, reseeded)
+        other_run = classifier.embeddings(decode_all(model, tokens))
+        report["frechet_noise_floor"] = {
+            "real_vs_real": round(frechet_distance(other_real, real), 3),
+            "cfg_seed_vs_seed": round(frechet_distance(other_run, guided_features), 3),
+            "cfg_other_seed_vs_real": round(frechet_distance(other_run, real), 3)}
     report["tokenizer_psnr_db"] = round(tokenizer_psnr(model), 2)
     return report

@@ -247,9 +247,12 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 
 def cmd_eval_demo(args: argparse.Namespace) -> None:
     from bench.demo_eval import evaluate_demo
+    from engine.settings import EngineSettings
 
+    settings = EngineSettings(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                              enforce_eager=False if args.compiled else None)
     report = evaluate_demo(resolve_model_path(args.model), per_class=args.per_class,
-                           seed=args.seed, cfg_scale=args.cfg_scale,
+                           seed=args.seed, cfg_scale=args.cfg_scale, settings=settings,
                            grid_out=Path(args.grid_out) if args.grid_out else None)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
@@ -417,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's)")
     p.add_argument("--grid-out", help="write a sample grid PNG (one row per class)")
     p.add_argument("--json-out", help="write the report as JSON")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the engine's dtype (the quality gate compares them)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=typing.get_args(KVCacheDType))
+    p.add_argument("--compiled", action="store_true", help="vLLM's compiled model "
+                   "(--no-enforce-eager)")
     p.set_defaults(func=cmd_eval_demo)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -37,6 +37,25 @@ def test_generated_images_are_recognised(demo_report):
     assert demo_report["accuracy_cfg"] > demo_report["accuracy_no_cfg"], demo_report
 
 
+def test_frechet_distance_sees_the_distribution_and_has_a_floor(demo_report):
+    """The demo's Fréchet distance (classifier features): the formula on known cases, then
+    guided images nearer the real ones than unguided, and both above the noise floor."""
+    import numpy as np
+
+    from bench.demo_eval import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 8))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    # Same covariance, mean moved by 1 in each of 8 dims: distance 8 (up to sampling).
+    assert abs(frechet_distance(a, a + 1.0) - 8.0) < 1e-6
+    # Covariance scaled by 4 (std 2): Tr(S + 4S - 2 * 2S) = Tr(S) = 8.
+    assert abs(frechet_distance(a, 2 * a) - 8.0) < 0.5
+    floor = demo_report["frechet_noise_floor"]
+    assert floor["real_vs_real"] < demo_report["frechet_cfg"] < demo_report["frechet_no_cfg"]
+    assert floor["cfg_seed_vs_seed"] < demo_report["frechet_no_cfg"], demo_report
+
+
 def test_tokenizer_reconstructs(demo_report):
     assert demo_report["tokenizer_psnr_db"] > 20, demo_report
 

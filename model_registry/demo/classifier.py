@@ -27,7 +27,20 @@ class ShapeClassifier(nn.Module):
         self.head = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.embed(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer: (N, 128) pooled features, the space the demo's Fréchet
+        distance is measured in (as FID uses Inception's pool features)."""
+        return self.features(x).mean(dim=(2, 3))
+
+    @torch.inference_mode()
+    def embeddings(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float64 (N, 128)."""
+        self.eval()
+        out = [self.embed(to_tensor_range(images[i: i + batch]))
+               for i in range(0, len(images), batch)]
+        return torch.cat(out).double().numpy()
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
