@@ -43,6 +43,13 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=4, n_head=4, dim=256),
     **GPT_MODELS,
 }
+# The seed's table (LlamaGen's autoregressive/serve/README.md, "Comparison (A100)"): vLLM
+# 0.4.1 on an A100, 8 class-conditional images at 384 px (576 tokens), cfg 4.0, seconds for
+# the batch (token generation only). Printed beside our rows so that an operator reads the
+# ratio on their own GPU: `--image-size 384 --batch-sizes 8` is the same setting.
+SEED_A100_SECONDS = {"GPT-B": 2.39, "GPT-L": 3.48, "GPT-XL": 4.84, "GPT-XXL": 6.36,
+                     "GPT-3B": 6.26}
+SEED_IMAGES, SEED_IMAGE_SIZE = 8, 384
 # Each task's default sampling (the original samplers'), seeded.
 OPTIONS = {task: SamplingOptions.resolve(task, seed=0) for task in ("c2i", "t2i")}
 # Typical prompts are a sentence: 8-50 T5 tokens; cycled over a batch.
@@ -65,11 +72,11 @@ def reference_inputs(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
 
 
 def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
-               task: str = "c2i", kv_cache_dtype: str = "auto", mode: str = "eager"
-               ) -> list[dict]:
+               task: str = "c2i", kv_cache_dtype: str = "auto", mode: str = "eager",
+               image_size: int = 256) -> list[dict]:
     """mode: eager, or compiled (vLLM's torch.compile of the model, on CPUs its inductor
     backend)."""
-    config = GPTConfig(**SIZES[size], **task_config(task, 256))
+    config = GPTConfig(**SIZES[size], **task_config(task, image_size))
     options = OPTIONS[task]
     ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
     model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
@@ -128,16 +135,31 @@ def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
                "gflop_per_image": round(image_flops(config, round(condition)) / 1e9, 2),
                "engine_gflops": round(achieved / 1e9, 1),
                "matmul_ceiling_gflops": {k: round(v / 1e9, 1) for k, v in ceiling.items()},
-               "engine_vs_ceiling": round(achieved / ceiling[dtype], 3)}
+               "engine_vs_ceiling": round(achieved / ceiling[dtype], 3),
+               **seed_row(size, task, image_size, bs, bs / t_engine)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
+def seed_row(size: str, task: str, image_size: int, batch: int,
+             images_per_s: float) -> dict:
+    """The seed's A100 figure for this model, and our ratio to it where the setting is the
+    same (c2i, 384 px, batch 8)."""
+    if task != "c2i" or size not in SEED_A100_SECONDS:
+        return {}
+    seed = SEED_IMAGES / SEED_A100_SECONDS[size]
+    row = {"seed_a100_vllm041_images_per_s": round(seed, 2)}
+    if image_size == SEED_IMAGE_SIZE and batch == SEED_IMAGES:
+        row["vs_seed_a100"] = round(images_per_s / seed, 3)
+    return row
+
+
 def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
                           json_out: Path, markdown_out: Path, task: str = "c2i",
                           kv_cache_dtypes: tuple[str, ...] = ("auto",),
-                          modes: tuple[str, ...] = ("eager",)) -> list[dict]:
+                          modes: tuple[str, ...] = ("eager",), image_size: int = 256
+                          ) -> list[dict]:
     """kv_cache_dtypes, modes: one engine after another for each size and combination (side
     by side in this run, in that order)."""
     unknown = [s for s in sizes if s not in SIZES]
@@ -150,7 +172,7 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
             for mode in modes:
                 for kv_cache_dtype in kv_cache_dtypes:
                     rows += bench_size(size, batch_sizes, dtype, Path(tmp), task,
-                                       kv_cache_dtype, mode)
+                                       kv_cache_dtype, mode, image_size)
                     gc.collect()  # free this engine before the next starts
     options = OPTIONS[task]
     result = {"benchmark": "offline", "task": task, "command": command_line(), "machine": info,
@@ -160,6 +182,7 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     condition = ("class-conditional (1 condition token)" if task == "c2i" else
                  "text-conditional (120-slot caption prefix; random caption features of "
                  f"{', '.join(map(str, CAPTION_LENGTHS))} valid tokens, cycled)")
+    grid = image_size // 16
     kv_note = ("" if tuple(kv_cache_dtypes) == ("auto",) else
                f", KV cache {' vs '.join(kv_cache_dtypes)}")
     if tuple(modes) != ("eager",):
@@ -169,7 +192,8 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
         "",
         f"Command: `{result['command']}` ({info['date']}; {info['cpu']}, {info['cores']} cores, "
         f"GPU {info['gpu']}; torch {info['torch']}, vLLM {info['vllm']}).",
-        f"256x256 images (16x16 = 256 tokens each), {condition}, random weights, "
+        f"{image_size}x{image_size} images ({grid}x{grid} = {grid * grid} tokens each), "
+        f"{condition}, random weights, "
         f"cfg {options.cfg_scale}, top-k {options.top_k}, temperature 1; token generation "
         "only. The reference is the original two-row CFG loop with a static KV cache "
         f"(`model_registry/generate.py`). Raw data: `{json_out}`.",
@@ -200,6 +224,13 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
               f"{r['engine_gflops']} | {r['matmul_ceiling_gflops'][r['dtype']]} "
               f"({r['matmul_ceiling_gflops']['float32']}) | "
               f"{100 * r['engine_vs_ceiling']:.0f}% |" for r in rows]
+    seeds = {r["size"]: r["seed_a100_vllm041_images_per_s"] for r in rows
+             if "seed_a100_vllm041_images_per_s" in r}
+    if seeds:
+        lines += ["", "The seed's table for these models (A100, vLLM 0.4.1, 8 images at 384 px, "
+                  "cfg 4.0): " + ", ".join(f"{k} {v} images/s" for k, v in seeds.items()) +
+                  "." + "".join(f" {r['size']} batch 8 here: {r['vs_seed_a100']}x of it."
+                                for r in rows if "vs_seed_a100" in r)]
     section = "offline" if task == "c2i" else f"offline-{task}"
     if tuple(kv_cache_dtypes) != ("auto",):
         section += "-kv"

@@ -84,8 +84,13 @@ def model_from_flags(model: type[BaseModel], args: argparse.Namespace) -> Any:
 
 
 def _one_line(e: ValidationError) -> str:
-    return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
-                     for err in e.errors())
+    """Each error as `--flag: why` (a rule between flags: just why)."""
+    def one(err: Any) -> str:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        flag = ".".join(map(str, err["loc"])).replace("_", "-")
+        return f"--{flag}: {msg}" if flag else msg
+
+    return "; ".join(one(err) for err in e.errors())
 
 
 # ---- subcommands ----
@@ -335,7 +340,7 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
     run_offline_benchmark(sizes=args.sizes, batch_sizes=args.batch_sizes, dtype=args.dtype,
                           json_out=Path(json_out), markdown_out=Path(args.markdown_out),
                           task=args.task, kv_cache_dtypes=tuple(args.kv_cache_dtype),
-                          modes=tuple(args.modes))
+                          modes=tuple(args.modes), image_size=args.image_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
                    choices=typing.get_args(KVCacheDType), help="vLLM's KV cache dtype; "
                    "several: one engine after another, side by side in one run")
+    b.add_argument("--image-size", type=int, default=256, help="256, or 384 for the seed's "
+                   "A100 setting (printed beside each row: --batch-sizes 8 gives the ratio)")
     b.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
                    help="the model eager, or compiled by vLLM (torch.compile); several: "
                    "side by side in one run")

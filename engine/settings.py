@@ -12,7 +12,7 @@ from functools import cache
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # vLLM's --kv-cache-dtype values (auto: the model's dtype).
@@ -25,8 +25,11 @@ class EngineSettings(BaseModel):
 
     dtype: DType = Field("auto", description="auto: bfloat16 where the hardware runs it "
                          "natively, else float32 (parity is defined in float32)")
-    max_num_seqs: int = Field(32, ge=1, le=1024,
-                              description="images generated concurrently (vLLM batch)")
+    max_num_seqs: int = Field(
+        default_factory=lambda: 128 if has_cuda() else 32, ge=1, le=1024,
+        description="images generated concurrently (vLLM batch; default 128 on GPUs, where "
+        "the linear layers need about 80 (A100) to 100 (H200) images in flight to be "
+        "compute-bound, docs/DEPLOY.md; 32 on CPUs)")
     kv_cache_gib: float | None = Field(
         None, gt=0, description="CPU KV cache size in GiB (default: sized for max_num_seqs)")
     kv_cache_dtype: KVCacheDType = Field(
@@ -42,13 +45,25 @@ class EngineSettings(BaseModel):
         "compiled with CUDA graphs on GPUs, eager on CPUs, where compiling costs start-up "
         "for a few percent; --no-enforce-eager compiles with vLLM's CPU backend)")
     seed: int = Field(0, description="engine seed (requests carry their own seeds)")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="vLLM's weight quantization at load: fp8 (GPUs only; vLLM's CPU "
+        "build has no fp8 weight kernels)")
+
+    @model_validator(mode="after")
+    def _quantization_needs_a_gpu(self) -> EngineSettings:
+        if self.quantization is not None and not has_cuda():
+            raise ValueError(f"quantization {self.quantization} needs an NVIDIA GPU (vLLM's "
+                             "CPU build has no fp8 weight kernels)")
+        return self
 
 
 class ServiceSettings(EngineSettings):
     """One served model: the engine plus decoding, caption encoding, admission and health."""
 
-    max_queued_images: int = Field(64, ge=1, description="images admitted at once (queued + "
-                                   "running) per model; beyond it requests get 429")
+    max_queued_images: int = Field(
+        default_factory=lambda: 256 if has_cuda() else 64, ge=1, description="images admitted "
+        "at once (queued + running) per model; beyond it requests get 429 (default: twice "
+        "max_num_seqs' default, 256 on GPUs, 64 on CPUs)")
     health_stall_s: float = Field(120.0, gt=0, description="/health fails when images are in "
                                   "flight but the engine produced nothing for this long")
     decoder_max_batch: int | None = Field(None, ge=1, description="VQ decode micro-batch "

@@ -149,6 +149,8 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
     )
     if model.is_t2i:
         kwargs["enable_prompt_embeds"] = True  # captions arrive as embeddings
+    if settings.quantization is not None:
+        kwargs["quantization"] = settings.quantization
     if has_cuda():
         kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
                       enforce_eager=bool(settings.enforce_eager))

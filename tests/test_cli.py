@@ -99,6 +99,11 @@ def test_convert_then_generate_tokens_match_reference(tmp_path, tiny_model):
     assert "edit" not in read_metadata(second.read_bytes())
 
 
+def test_fp8_weights_need_a_gpu_and_say_so_before_anything_starts():
+    result = run_cli("generate", "--quantization", "fp8", "--labels", "1", timeout=120)
+    assert_one_line_error(result, "quantization fp8 needs an NVIDIA GPU")
+
+
 def test_server_settings_from_env_and_flags(monkeypatch):
     from cli.main import build_parser, model_from_flags
     from server.settings import ServerSettings
