@@ -50,6 +50,8 @@ SIZES: dict[str, dict[str, int]] = {
 SEED_A100_SECONDS = {"GPT-B": 2.39, "GPT-L": 3.48, "GPT-XL": 4.84, "GPT-XXL": 6.36,
                      "GPT-3B": 6.26}
 SEED_IMAGES, SEED_IMAGE_SIZE = 8, 384
+# --modes -> enforce_eager (None: the machine's default).
+MODES: dict[str, bool | None] = {"default": None, "eager": True, "compiled": False}
 # Each task's default sampling (the original samplers'), seeded.
 OPTIONS = {task: SamplingOptions.resolve(task, seed=0) for task in ("c2i", "t2i")}
 # Typical prompts are a sentence: 8-50 T5 tokens; cycled over a batch.
@@ -72,17 +74,17 @@ def reference_inputs(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
 
 
 def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
-               task: str = "c2i", kv_cache_dtype: str = "auto", mode: str = "eager",
+               task: str = "c2i", kv_cache_dtype: str = "auto", mode: str = "default",
                image_size: int = 256) -> list[dict]:
-    """mode: eager, or compiled (vLLM's torch.compile of the model, on CPUs its inductor
-    backend)."""
+    """mode: default (the machine's: compiled with CUDA graphs on GPUs, eager on CPUs),
+    eager, or compiled (vLLM's torch.compile of the model; on CPUs its inductor backend)."""
     config = GPTConfig(**SIZES[size], **task_config(task, image_size))
     options = OPTIONS[task]
     ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
     model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
     ckpt.unlink()
     settings = EngineSettings(dtype=dtype, max_num_seqs=max(batch_sizes),
-                              kv_cache_dtype=kv_cache_dtype, enforce_eager=mode == "eager")
+                              kv_cache_dtype=kv_cache_dtype, enforce_eager=MODES[mode])
     started = time.perf_counter()
     llm = build_llm(model, settings)
     start_s = time.perf_counter() - started
@@ -158,7 +160,7 @@ def seed_row(size: str, task: str, image_size: int, batch: int,
 def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
                           json_out: Path, markdown_out: Path, task: str = "c2i",
                           kv_cache_dtypes: tuple[str, ...] = ("auto",),
-                          modes: tuple[str, ...] = ("eager",), image_size: int = 256
+                          modes: tuple[str, ...] = ("default",), image_size: int = 256
                           ) -> list[dict]:
     """kv_cache_dtypes, modes: one engine after another for each size and combination (side
     by side in this run, in that order)."""
@@ -185,7 +187,7 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     grid = image_size // 16
     kv_note = ("" if tuple(kv_cache_dtypes) == ("auto",) else
                f", KV cache {' vs '.join(kv_cache_dtypes)}")
-    if tuple(modes) != ("eager",):
+    if tuple(modes) != ("default",):
         kv_note += f", {' vs '.join(modes)}"
     lines = [
         f"## Offline generation ({task}): vLLM engine vs reference loop{kv_note}",
@@ -234,7 +236,7 @@ def run_offline_benchmark(sizes: list[str], batch_sizes: list[int], dtype: str,
     section = "offline" if task == "c2i" else f"offline-{task}"
     if tuple(kv_cache_dtypes) != ("auto",):
         section += "-kv"
-    if tuple(modes) != ("eager",):
+    if tuple(modes) != ("default",):
         section += "-compiled"
     write_section(markdown_out, section, "\n".join(lines))
     return rows

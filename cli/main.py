@@ -445,9 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "several: one engine after another, side by side in one run")
     b.add_argument("--image-size", type=int, default=256, help="256, or 384 for the seed's "
                    "A100 setting (printed beside each row: --batch-sizes 8 gives the ratio)")
-    b.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
-                   help="the model eager, or compiled by vLLM (torch.compile); several: "
-                   "side by side in one run")
+    b.add_argument("--modes", nargs="+", default=["default"],
+                   choices=["default", "eager", "compiled"], help="the model as the machine "
+                   "runs it by default (GPU: compiled, CPU: eager), eager, or compiled by "
+                   "vLLM (torch.compile); several: side by side in one run")
     b.add_argument("--json-out", help="default: docs/bench_offline.json (c2i), "
                    "docs/bench_offline_t2i.json (t2i)")
     b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")

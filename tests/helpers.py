@@ -89,6 +89,18 @@ def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: 
                     prefix=torch.tensor(prefix) if prefix and prefix[0] else None).tolist()
 
 
+def assert_c2i_matches_reference(engine: object, model: ModelDir, labels: list[int],
+                                 plain: SamplingOptions, completion: SamplingOptions,
+                                 prefix_len: int) -> None:
+    """An engine's greedy tokens equal the reference's: `labels` generated under `plain`,
+    then completed from random prefixes of `prefix_len` codes under `completion`."""
+    tokens, _ = engine.generate(classes(labels), plain)
+    assert tokens == reference_tokens(model, labels, plain)
+    prefixes = [random_prefix(model, prefix_len, seed) for seed in labels]
+    completed, _ = engine.generate(classes(labels), completion, prefixes)
+    assert completed == reference_tokens(model, labels, completion, prefixes)
+
+
 def completion_cases(grid: int) -> list[tuple[int, float, int]]:
     """(prefix length, cfg_scale, cfg_interval) the completion parity tests run: prefixes of
     0, one row, half the grid and all but one token, guided and not, and a cfg_interval

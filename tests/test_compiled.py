@@ -11,12 +11,7 @@ import torch
 from engine.offline import OfflineGenerator
 from engine.sampling import SamplingOptions
 
-from .helpers import (
-    classes,
-    random_prefix,
-    reference_t2i_tokens,
-    reference_tokens,
-)
+from .helpers import assert_c2i_matches_reference, random_prefix, reference_t2i_tokens
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +35,11 @@ def compiled(engine_factory):
 
 
 def test_compiled_c2i_tokens_equal_the_reference(compiled, tiny_model):
-    engine = compiled(tiny_model)
-    labels = [0, 3, 7, 9]
-    options = SamplingOptions(cfg_scale=3.0, greedy=True)
-    tokens, _ = engine.generate(classes(labels), options)
-    assert tokens == reference_tokens(tiny_model, labels, options)
-    # A completion: half the grid given, guidance ending inside it.
-    options = SamplingOptions(cfg_scale=3.0, cfg_interval=64, greedy=True)
-    prefixes = [random_prefix(tiny_model, 128, seed) for seed in labels]
-    completed, _ = engine.generate(classes(labels), options, prefixes)
-    assert completed == reference_tokens(tiny_model, labels, options, prefixes)
+    # Then a completion: half the grid given, guidance ending inside it.
+    assert_c2i_matches_reference(compiled(tiny_model), tiny_model, [0, 3, 7, 9],
+                                 SamplingOptions(cfg_scale=3.0, greedy=True),
+                                 SamplingOptions(cfg_scale=3.0, cfg_interval=64, greedy=True),
+                                 prefix_len=128)
 
 
 def test_compiled_t2i_tokens_equal_the_reference(compiled, t2i_served_model):

@@ -11,7 +11,13 @@ from engine.sampling import SamplingOptions
 from model_registry.cfg import guidance_args
 from model_registry.plugin import CFG_PROCESSOR
 
-from .helpers import classes, completion_cases, random_prefix, reference_tokens
+from .helpers import (
+    assert_c2i_matches_reference,
+    classes,
+    completion_cases,
+    random_prefix,
+    reference_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +88,12 @@ def test_parity_under_preemption(tiny_model, engine_factory):
     kv_gib = cpu_kv_cache_bytes(tiny_model, EngineSettings(max_num_seqs=2), "float32") / 2**30
     llm = engine_factory(tiny_model, max_num_seqs=6, kv_cache_gib=kv_gib,
                          disable_log_stats=False, enable_prefix_caching=False)
-    engine = OfflineGenerator(tiny_model, llm)
-    labels = [0, 1, 2, 3, 4, 5]
-    options = SamplingOptions(cfg_scale=3.0, greedy=True)
-    tokens, _ = engine.generate(classes(labels), options)
-    assert tokens == reference_tokens(tiny_model, labels, options)
-    # Guidance ends at image token 61, after the 48-token prefix.
-    options = SamplingOptions(cfg_scale=3.0, cfg_interval=60, greedy=True)
-    prefixes = [random_prefix(tiny_model, 48, seed) for seed in labels]
-    completed, _ = engine.generate(classes(labels), options, prefixes)
-    assert completed == reference_tokens(tiny_model, labels, options, prefixes)
+    # Then completions: guidance ends at image token 61, after the 48-token prefix.
+    assert_c2i_matches_reference(OfflineGenerator(tiny_model, llm), tiny_model,
+                                 [0, 1, 2, 3, 4, 5],
+                                 SamplingOptions(cfg_scale=3.0, greedy=True),
+                                 SamplingOptions(cfg_scale=3.0, cfg_interval=60, greedy=True),
+                                 prefix_len=48)
     preemptions = sum(m.value for m in llm.get_metrics()
                       if m.name == "vllm:num_preemptions" and isinstance(m, Counter))
     assert preemptions > 0
