@@ -182,6 +182,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if model.is_t2i and any(not text.strip() for text in args.prompts):
         raise UsageError("--prompts: a prompt must not be empty")
     labels = [] if model.is_t2i else [model.resolve_label(text) for text in args.labels]
+    count = len(args.prompts or args.labels)
+    negatives = negative_texts(args, count, options)
+    negative_labels = (None if negatives is None or model.is_t2i
+                       else [model.resolve_label(text) for text in negatives])
     if not args.tokens_out and not args.out_dir:
         raise UsageError("nothing to write: give --tokens-out FILE and/or --out-dir DIR")
     if args.out_dir and model.vq is None:
@@ -190,6 +194,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generator = OfflineGenerator(model, build_llm(model, settings))
     conditions = (generator.captions(args.prompts) if model.is_t2i
                   else [Condition(label=label) for label in labels])
+    if negatives is not None:
+        negative = (generator.captions(negatives) if negative_labels is None
+                    else [Condition(label=label) for label in negative_labels])
+        conditions = [c.with_negative(n) for c, n in zip(conditions, negative, strict=True)]
     tokens, seeds = generator.generate(conditions, options, prefixes)
     if args.tokens_out:
         Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +211,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
                  else {"labels": labels})
     print(json.dumps({**described, "seeds": None if all(s is None for s in seeds) else seeds,
                       "tokens_out": args.tokens_out, "images": [str(p) for p in images]}))
+
+
+def negative_texts(args: argparse.Namespace, count: int, options: Any) -> list[str] | None:
+    """--negative-prompt (every image) or --negative-prompts (one per image), checked."""
+    if args.negative_prompt is not None and args.negative_prompts is not None:
+        raise UsageError("give --negative-prompt (every image) or --negative-prompts (one per "
+                         "image), not both")
+    negatives = ([args.negative_prompt] * count if args.negative_prompt is not None
+                 else args.negative_prompts)
+    if negatives is None:
+        return None
+    if len(negatives) != count:
+        raise UsageError(f"--negative-prompts: {len(negatives)} for {count} images; give one "
+                         "per image")
+    if any(not text.strip() for text in negatives):
+        raise UsageError("--negative-prompt(s): a negative prompt must not be empty")
+    if options.cfg_scale <= 1:
+        raise UsageError(f"--negative-prompt(s) steer guidance, and --cfg-scale is "
+                         f"{options.cfg_scale:g}: give --cfg-scale > 1")
+    return negatives
 
 
 def read_prefixes(model: Any, path: str | None, count: int) -> list[list[int]] | None:
@@ -386,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory")
     p.add_argument("--labels", nargs="+", help="c2i: class ids or names, one image each")
     p.add_argument("--prompts", nargs="+", help="t2i: captions, one image each")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="what guidance steers away "
+                   "from, for every image: a class id or name (c2i) or a caption (t2i), in "
+                   "place of the null condition in the unguided stream (needs --cfg-scale > 1)")
+    p.add_argument("--negative-prompts", nargs="+", metavar="TEXT",
+                   help="one negative per label or prompt, as --negative-prompt")
     p.add_argument("--prefix-tokens", metavar="FILE", help="complete given grids: a JSON list "
                    "of token lists (one per label or prompt), each the first image codes in "
                    "raster order; the output grids include them")

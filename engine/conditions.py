@@ -9,7 +9,7 @@ the CLI and the benchmarks all hand the engine `Condition`s.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,12 @@ class Condition:
     caption: str | None = None  # t2i: the text the model saw (cleaned, truncated)
     embeds: torch.Tensor | None = None  # t2i: cap_proj of the valid caption rows, (L, dim)
     unconditional: bool = False
+    # What the unguided stream sees instead of the null condition (guidance away from it):
+    # a class (c2i) or a caption (t2i), itself a Condition without a negative.
+    negative: Condition | None = None
+
+    def with_negative(self, negative: Condition | None) -> Condition:
+        return self if negative is None else replace(self, negative=negative)
 
     @classmethod
     def null(cls, model: ModelDir, projection: torch.nn.Module | None = None) -> Condition:
@@ -40,28 +46,42 @@ class Condition:
 
     @property
     def input_tokens(self) -> int:
-        """The prompt's tokens a client sent (a variation's null condition: none)."""
+        """The prompt's tokens a client sent, a negative's included (a variation's null
+        condition: none)."""
         if self.unconditional:
             return 0
-        return 1 if self.embeds is None else len(self.embeds)
+        own = 1 if self.embeds is None else len(self.embeds)
+        return own + (0 if self.negative is None else self.negative.input_tokens)
 
-    def prompt(self, model: ModelDir, prefix: Sequence[int] = ()) -> Any:
+    def prompt(self, model: ModelDir, prefix: Sequence[int] = (),
+               null: torch.Tensor | None = None) -> Any:
         """The engine prompt: the condition, then `prefix` (the grid's first image codes,
-        checked by `check_prefix`) for a completion."""
+        checked by `check_prefix`) for a completion. t2i: `null` is the projected null
+        caption (120, dim), `null_rows`, that the unguided stream sees without a negative."""
         if self.embeds is not None:
-            return embeds_prompt(self.embeds, model.gpt.vocab_size, prefix)
+            assert null is not None, "a t2i prompt needs the projected null caption"
+            cond, uncond = stream_rows(self.embeds, null, self.negative)
+            return embeds_prompt(cond, uncond, model.gpt.vocab_size, prefix)
         if self.unconditional:
             return token_prompt([model.gpt.vocab_size + model.gpt.null_class, *prefix])
         assert self.label is not None
-        return token_prompt(class_prompt_ids(model, self.label) + list(prefix))
+        negative = None if self.negative is None else self.negative.label
+        return token_prompt(class_prompt_ids(model, self.label, negative) + list(prefix))
 
     def describe(self, model: ModelDir) -> dict[str, Any]:
         """What an image's provenance says of its condition."""
         if self.unconditional:
             return {"unconditional": True}
         if self.label is None:
-            return {"prompt": self.caption}
-        return {"label": self.label, "class_name": model.class_names[self.label]}
+            described: dict[str, Any] = {"prompt": self.caption}
+        else:
+            described = {"label": self.label, "class_name": model.class_names[self.label]}
+        if self.negative is not None:
+            neg = self.negative
+            described["negative"] = ({"prompt": neg.caption} if neg.label is None else
+                                     {"label": neg.label,
+                                      "class_name": model.class_names[neg.label]})
+        return described
 
 
 def check_prefix(model: ModelDir, prefix: Sequence[int]) -> list[int]:
@@ -77,10 +97,38 @@ def check_prefix(model: ModelDir, prefix: Sequence[int]) -> list[int]:
     return list(prefix)
 
 
-def class_prompt_ids(model: ModelDir, label: int) -> list[int]:
-    if not 0 <= label < model.gpt.num_classes:
-        raise ValueError(f"class label {label} out of range 0..{model.gpt.num_classes - 1}")
-    return [model.gpt.vocab_size + label]
+def class_prompt_ids(model: ModelDir, label: int, negative: int | None = None) -> list[int]:
+    """The class token: `codebook_size + label`; with a negative class n, the pair's id
+    `codebook_size + label + (num_classes + 1) * (n + 1)`, which the model reads as `label`
+    in the guided stream and `n` in the unguided one (`model_registry.vllm_model`)."""
+    classes = model.gpt.num_classes
+    for value in (label, negative):
+        if value is not None and not 0 <= value < classes:
+            raise ValueError(f"class label {value} out of range 0..{classes - 1}")
+    pair = 0 if negative is None else (classes + 1) * (negative + 1)
+    return [model.gpt.vocab_size + label + pair]
+
+
+def stream_rows(embeds: torch.Tensor, null: torch.Tensor, negative: Condition | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """t2i: the condition rows of both streams, (M, dim) each.
+
+    Without a negative, the guided stream holds the caption's L rows and the unguided one
+    the null caption's rows at the same slots (120-L..119), as the original. With a negative
+    caption of N rows, both streams span M = max(L, N) slots: the original gives the two
+    halves one mask, so each caption is left-padded to M with T5's padding (zero features,
+    which cap_proj maps to zero rows) and those slots are seen. A negative no longer than
+    the caption leaves the guided stream exactly as without one."""
+    if negative is None:
+        return embeds, null[len(null) - len(embeds):].to(embeds.dtype)
+    assert negative.embeds is not None
+    neg = negative.embeds.to(embeds.dtype)
+    M = max(len(embeds), len(neg))
+
+    def padded(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows.new_zeros(M - len(rows), rows.shape[1]), rows])
+
+    return padded(embeds), padded(neg)
 
 
 @torch.inference_mode()

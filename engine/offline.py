@@ -19,6 +19,9 @@ class OfflineGenerator:
         self.model, self.llm = model, llm
         # t2i: the caption projection runs in the engine's dtype, as the original's cap_proj.
         self.projection = (model.caption_projection(llm_dtype(llm)) if model.is_t2i else None)
+        # What the unguided stream sees without a negative caption.
+        self.null = (None if self.projection is None
+                     else project_caption(self.projection, model.null_caption()))
 
     def generate(self, conditions: Sequence[Condition], options: SamplingOptions,
                  prefixes: Sequence[Sequence[int]] | None = None
@@ -31,7 +34,8 @@ class OfflineGenerator:
         if len(prefixes) != len(conditions):
             raise ValueError(f"{len(prefixes)} prefixes for {len(conditions)} conditions")
         seeds = options.image_seeds(len(conditions))
-        prompts = [c.prompt(self.model, p) for c, p in zip(conditions, prefixes, strict=True)]
+        prompts = [c.prompt(self.model, p, self.null)
+                   for c, p in zip(conditions, prefixes, strict=True)]
         params = [sampling_params(self.model, options, seed, prefix_len=len(p))
                   for seed, p in zip(seeds, prefixes, strict=True)]
         grids = [p + t for p, t in zip(prefixes, generate_offline(self.llm, prompts, params),

@@ -228,12 +228,24 @@ class ModelService:
         rate = self.throughput.rate()
         return max(1, int(self.in_flight / rate) if rate > 0 else 5)
 
-    def admit(self, n: int) -> Reservation:
-        """Reserve room for n images or raise QueueFull (release the reservation when done)."""
-        if self.in_flight + n > self.settings.max_queued_images:
+    @property
+    def priority_reserve(self) -> int:
+        reserve = self.settings.priority_reserve
+        if reserve is None:
+            priority = self.settings.scheduling_policy == "priority"
+            reserve = self.settings.max_queued_images // 4 if priority else 0
+        return min(reserve, self.settings.max_queued_images - 1)
+
+    def admit(self, n: int, priority: int = 0) -> Reservation:
+        """Reserve room for n images or raise QueueFull (release the reservation when done).
+        Work of priority > 0 (less urgent than the default) leaves `priority_reserve` images
+        of the queue free, so a full queue refuses it first."""
+        limit = self.settings.max_queued_images
+        if priority > 0:
+            limit -= self.priority_reserve
+        if self.in_flight + n > limit:
             metrics.ADMISSION_REJECTIONS.labels(self.name).inc()
-            raise QueueFull(self.in_flight, self.settings.max_queued_images,
-                            self.retry_after_s())
+            raise QueueFull(self.in_flight, limit, self.retry_after_s())
         self._count(n)
         return Reservation(lambda: self._count(-n))
 
@@ -244,19 +256,21 @@ class ModelService:
     async def generate(self, conditions: list[Condition], options: SamplingOptions, *,
                        prefixes: Sequence[Sequence[int]] | None = None,
                        partial_images: int = 0,
-                       request_id: str | None = None, deadline: float | None = None
-                       ) -> AsyncIterator[Preview | Finished]:
+                       request_id: str | None = None, deadline: float | None = None,
+                       priority: int = 0) -> AsyncIterator[Preview | Finished]:
         """One image per condition, run concurrently; yields previews and finished images as
         they come. `prefixes`: per condition, the grid's first image codes to complete (edits;
         checked by the caller with `check_prefix`). Closing the iterator (or cancelling
         its consumer) aborts what is unfinished, and so does passing `deadline`
-        (time.monotonic()), with TimeoutError. EngineDead when the engine core is gone."""
+        (time.monotonic()), with TimeoutError. EngineDead when the engine core is gone.
+        `priority`: vLLM's (lower runs first) under the priority scheduling policy."""
         request_id = request_id or uuid.uuid4().hex
         seeds = options.image_seeds(len(conditions))
         prefixes = prefixes or [()] * len(conditions)
         events: asyncio.Queue[Preview | Finished | BaseException] = asyncio.Queue()
         tasks = [asyncio.create_task(self._image(i, condition, list(prefix), seed, options,
-                                                 partial_images, f"{request_id}-{i}", events))
+                                                 partial_images, f"{request_id}-{i}", events,
+                                                 priority))
                  for i, (condition, prefix, seed)
                  in enumerate(zip(conditions, prefixes, seeds, strict=True))]
         try:
@@ -275,14 +289,15 @@ class ModelService:
 
     async def _image(self, index: int, condition: Condition, prefix: list[int],
                      seed: int | None, options: SamplingOptions, partial_images: int,
-                     vllm_id: str, events: asyncio.Queue[Preview | Finished | BaseException]
-                     ) -> None:
+                     vllm_id: str, events: asyncio.Queue[Preview | Finished | BaseException],
+                     priority: int = 0) -> None:
         assert self.decoder is not None and self.engine is not None
         grid = self.model.grid_size
         start = time.monotonic()
         params = sampling_params(self.model, options, seed, stream=True,
                                  prefix_len=len(prefix))
-        prompt = condition.prompt(self.model, prefix)
+        null = None if self.null_condition is None else self.null_condition.embeds
+        prompt = condition.prompt(self.model, prefix, null)
         # Rows each unsent preview shows.
         pending = preview_rows(grid, partial_images, len(prefix) // grid)
         tokens: list[int] = list(prefix)
@@ -296,7 +311,8 @@ class ModelService:
                 await events.put(Preview(index, k, self._canvas(whole, pending.pop(0))))
 
         try:
-            async for new_tokens, done in self.engine.generate(prompt, params, vllm_id):
+            async for new_tokens, done in self.engine.generate(prompt, params, vllm_id,
+                                                               priority):
                 tokens.extend(new_tokens)
                 finished = done
                 self.last_progress = time.monotonic()

@@ -46,6 +46,9 @@ class EngineSettings(BaseModel):
         "of start-up for about a fifth more images/s; --no-enforce-eager compiles with "
         "vLLM's CPU backend)")
     seed: int = Field(0, description="engine seed (requests carry their own seeds)")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="vLLM's scheduling policy: fcfs (first come, first served) or "
+        "priority (requests carry a `priority`, lower runs first, ties by arrival)")
     quantization: Literal["fp8"] | None = Field(
         None, description="vLLM's weight quantization at load: fp8 (GPUs only; vLLM's CPU "
         "build has no fp8 weight kernels)")
@@ -65,6 +68,10 @@ class ServiceSettings(EngineSettings):
         default_factory=lambda: 256 if has_cuda() else 64, ge=1, description="images admitted "
         "at once (queued + running) per model; beyond it requests get 429 (default: twice "
         "max_num_seqs' default, 256 on GPUs, 64 on CPUs)")
+    priority_reserve: int | None = Field(
+        None, ge=0, description="images of the admission queue that only requests of "
+        "priority <= 0 may take: a full queue refuses less urgent work first (default: a "
+        "quarter of --max-queued-images under --scheduling-policy priority, else 0)")
     health_stall_s: float = Field(120.0, gt=0, description="/health fails when images are in "
                                   "flight but the engine produced nothing for this long")
     decoder_max_batch: int | None = Field(None, ge=1, description="VQ decode micro-batch "

@@ -144,11 +144,15 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
         tensor_parallel_size=settings.tensor_parallel_size,
         seed=settings.seed,
         kv_cache_dtype=settings.kv_cache_dtype,
+        scheduling_policy=settings.scheduling_policy,
         # Generation logprobs would be of the 2V-wide cond|uncond row; none are served.
         max_logprobs=0,
     )
     if model.is_t2i:
         kwargs["enable_prompt_embeds"] = True  # captions arrive as embeddings
+        # Each prompt row carries both guidance streams' condition, [guided | unguided]
+        # (a negative caption in the unguided one): vLLM sizes prompt embeddings by it.
+        kwargs["hf_overrides"] = {"hidden_size": 2 * model.gpt.dim}
     if settings.quantization is not None:
         kwargs["quantization"] = settings.quantization
     if has_cuda():
@@ -210,24 +214,29 @@ def token_prompt(ids: list[int]) -> Any:
     return TokensPrompt(prompt_token_ids=ids)
 
 
-def embeds_prompt(embeds: torch.Tensor, placeholder: int, prefix: Sequence[int] = ()) -> Any:
-    """A t2i prompt: cap_proj of the valid caption rows, (L, dim), 1 <= L <= 120, then the
-    prefix's image codes (completion).
+def embeds_prompt(cond: torch.Tensor, uncond: torch.Tensor, placeholder: int,
+                  prefix: Sequence[int] = ()) -> Any:
+    """A t2i prompt: the condition rows of the guided and the unguided stream, (M, dim) each
+    with 1 <= M <= 120 (`engine.conditions.stream_rows`), then the prefix's image codes
+    (completion).
 
-    Always a mixed prompt: the caption rows are embeddings whose token ids are `placeholder`
-    (the codebook size, never an image code), so the model tells caption from prefix and
-    places both at the original's positions."""
+    Each prompt row carries both streams, `[guided | unguided]` (the engine's hidden size is
+    2 dim for t2i models, `engine_kwargs`). Always a mixed prompt: the caption rows are
+    embeddings whose token ids are `placeholder` (the codebook size, never an image code), so
+    the model tells caption from prefix and places both at the original's positions."""
     from vllm.inputs import EmbedsPrompt
 
-    if not 1 <= len(embeds) <= T5_MAX_LENGTH:
-        raise ValueError(f"a caption has 1..{T5_MAX_LENGTH} tokens, got {len(embeds)}")
-    rows = torch.cat([embeds, embeds.new_zeros(len(prefix), embeds.shape[1])])
-    # The null stream's KV depends on the slots the caption occupies (120 - L ..), which the
-    # embeddings alone do not say: the salt keeps prefix caching from mixing lengths.
+    if not 1 <= len(cond) <= T5_MAX_LENGTH or cond.shape != uncond.shape:
+        raise ValueError(f"a caption has 1..{T5_MAX_LENGTH} rows in both streams, got "
+                         f"{tuple(cond.shape)} and {tuple(uncond.shape)}")
+    rows = torch.cat([cond, uncond], dim=1)
+    rows = torch.cat([rows, rows.new_zeros(len(prefix), rows.shape[1])])
+    # The KV depends on the slots the caption occupies (120 - M ..), which the embeddings
+    # alone do not say: the salt keeps prefix caching from mixing lengths.
     return EmbedsPrompt(prompt_embeds=rows,
-                        prompt_token_ids=[placeholder] * len(embeds) + list(prefix),
-                        prompt_is_token_ids=[False] * len(embeds) + [True] * len(prefix),
-                        cache_salt=f"llamagen-caption-{len(embeds)}")
+                        prompt_token_ids=[placeholder] * len(cond) + list(prefix),
+                        prompt_is_token_ids=[False] * len(cond) + [True] * len(prefix),
+                        cache_salt=f"llamagen-caption-{len(cond)}")
 
 
 def sampling_params(model: ModelDir, options: SamplingOptions, seed: int | None, *,
@@ -279,14 +288,16 @@ class AsyncEngine:
         """The engine core died (vLLM's monitor thread sees its process exit at once)."""
         return self._llm.errored
 
-    async def generate(self, prompt: Any, params: Any, request_id: str
+    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0
                        ) -> AsyncIterator[tuple[list[int], bool]]:
         """(new token ids, finished) as the engine produces them (params from
-        `sampling_params(..., stream=True)`); EngineDead if the engine core is gone."""
+        `sampling_params(..., stream=True)`; `priority`: vLLM's, lower first, under the
+        priority scheduling policy); EngineDead if the engine core is gone."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            async for out in self._llm.generate(prompt, params, request_id):
+            async for out in self._llm.generate(prompt, params, request_id,
+                                                priority=priority):
                 yield list(out.outputs[0].token_ids), out.finished
         except EngineDeadError as e:
             raise EngineDead("the engine core died") from e

@@ -68,7 +68,8 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
              cfg_interval: int = -1, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              generator: torch.Generator | None = None,
-             prefix: torch.Tensor | None = None) -> torch.Tensor:
+             prefix: torch.Tensor | None = None,
+             negative: torch.Tensor | None = None) -> torch.Tensor:
     """Conditions -> image tokens (B, max_new_tokens) in raster order.
 
     `prefix` (B, P): completion. The first P image tokens are given; the condition and the
@@ -80,6 +81,11 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
     left-padded and zeroed where `emb_masks` (B, 120) is 0; padded slots are hidden from every
     other position in both halves, as the original does.
 
+    `negative`: what the unconditional half is conditioned on instead of the null condition
+    (guidance away from it), shaped as `cond`: class labels (c2i) or caption features (t2i;
+    `emb_masks` then masks both halves, as the original does, so give the union of the two
+    captions' masks).
+
     `cfg_scale <= 1` runs no unconditional rows at all. With `cfg_interval = n > -1` image tokens
     0..n+1 are guided and the rest use the conditional logits (the null rows keep running);
     with a prefix the count is the same, as if the prefix had been generated.
@@ -90,7 +96,9 @@ def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int | None 
     P = 0 if prefix is None else prefix.shape[1]
     if not 0 <= P < max_new_tokens:
         raise ValueError(f"a prefix holds 0..{max_new_tokens - 1} tokens, got {P}")
-    if config.model_type == "c2i":
+    if negative is not None:
+        null = negative
+    elif config.model_type == "c2i":
         null = torch.full_like(cond, config.null_class)
     else:
         null = torch.zeros_like(cond) + model.cls_embedding.uncond_embedding

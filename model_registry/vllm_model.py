@@ -12,15 +12,20 @@ Positions are the original's sequence positions: image token k is fed at `cls_to
 the 2D RoPE table is indexed by position, and its condition rows are zero (cos = sin = 0).
 
 c2i: the prompt is one token, `codebook_size + class_id`; the null stream uses the null class.
+A negative class n (guidance away from it) takes the null class's place: the prompt's token
+is then `codebook_size + class_id + (num_classes + 1) * (n + 1)`, one id for the pair, so
+prefix caching tells pairs apart and positions stay the original's.
 
 Completion (edits): the prompt may continue with the first P image codes, fed at their own
 positions in both streams; vLLM then generates tokens P.. of the grid.
 
 t2i: the prompt is `prompt_embeds`, the projected caption (`cap_proj` of the T5 features) of the
 L valid caption tokens only (a mixed prompt: the caption rows as embeddings with a placeholder
-id, then any prefix codes as token ids); the null stream uses `cap_proj(uncond_embedding)` at
-the same slots. The original left-pads captions to 120 slots and masks the padded keys for every
-other position, in both streams. Padded slots influence nothing but themselves, so dropping them
+id, then any prefix codes as token ids). Each row carries both streams, `[guided | unguided]`
+(vLLM's hidden size is 2 dim for t2i models): the unguided half is `cap_proj(uncond_embedding)`
+at the same slots, or a negative caption's rows (`engine.conditions.stream_rows`). The
+original left-pads captions to 120 slots and masks the padded keys for every other position,
+in both streams. Padded slots influence nothing but themselves, so dropping them
 is exact, and it is the cheapest option: no prefill, KV cache or attention reads for padding,
 and no wider heads (the alternative, an extra head coordinate driving padded keys to -inf, costs
 every attention op a quarter more at head_dim 64). What dropping changes is the positions: the L
@@ -63,7 +68,6 @@ from vllm.sequence import IntermediateTensors
 from model_registry.configs import GPTConfig, padded_head_size
 from model_registry.gpt import precompute_freqs_cis_2d
 from model_registry.plugin import CFG_PROCESSOR
-from model_registry.text_encoder import T5_MAX_LENGTH
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -182,13 +186,9 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
         self.codebook_size = config.vocab_size
         self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.dim,
                                                      prefix=f"{prefix}tok_embeddings")
-        if self.is_t2i:
-            # The null stream's condition rows, cap_proj(uncond_embedding), made by
-            # load_weights. Conditional captions are projected by the front-end (they arrive
-            # as prompt embeddings), so cap_proj itself has no other use here.
-            self.register_buffer("null_caption", torch.zeros(T5_MAX_LENGTH, config.dim),
-                                 persistent=False)
-        else:
+        # t2i: both streams' caption rows arrive as prompt embeddings, projected by the
+        # front-end (cap_proj and uncond_embedding have no use here).
+        if not self.is_t2i:
             self.cls_embedding = nn.Module()
             self.cls_embedding.embedding_table = VocabParallelEmbedding(
                 config.num_classes + 1, config.dim,
@@ -225,14 +225,27 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
         return positions.expand(self.position_rows, -1).clone(), offset
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Conditional-stream embeddings: image codes, or (c2i) class ids offset by
-        codebook_size. A t2i prompt arrives as embeddings and never passes here."""
+        """c2i: guided-stream embeddings of image codes and class tokens. t2i: image codes in
+        both streams, [T, 2 dim], as prompt embedding rows are (captions never pass here)."""
         if self.is_t2i:
-            return self.tok_embeddings(input_ids)
-        is_class = input_ids >= self.codebook_size
+            tok = self.tok_embeddings(input_ids)
+            return torch.cat([tok, tok], dim=-1)
+        return self._c2i_embeddings(input_ids, guided=True)
+
+    def _c2i_embeddings(self, input_ids: torch.Tensor, guided: bool) -> torch.Tensor:
+        """Image codes, or the class a class token names in the guided stream (`id - C`
+        modulo K = num_classes + 1) or the unguided one (`(id - C) // K`: 0 the null class,
+        n + 1 the negative class n)."""
+        C, K = self.codebook_size, self.config.num_classes + 1
+        is_class = input_ids >= C
+        code = torch.where(is_class, input_ids - C, 0)
+        if guided:
+            label = code % K
+        else:
+            pair = code // K
+            label = torch.where(pair == 0, self.config.null_class, pair - 1)
         tok = self.tok_embeddings(torch.where(is_class, 0, input_ids))
-        cls = self.cls_embedding.embedding_table(
-            torch.where(is_class, input_ids - self.codebook_size, 0))
+        cls = self.cls_embedding.embedding_table(label)
         return torch.where(is_class[:, None], cls, tok)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
@@ -245,13 +258,14 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
             # A fed-back id must be an image code; the CFG processor guarantees it.
             torch._assert_async(~(is_condition.logical_not() & (input_ids >= self.codebook_size))
                                 .any(), "LlamaGen: an image position got an id >= codebook size")
-        cond = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        if self.is_t2i:
-            null = self.null_caption[positions.clamp(max=self.config.cls_token_num - 1)]
+        if self.is_t2i:  # rows [guided | unguided]; image codes are alike in both halves
+            rows = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            cond, uncond = rows.chunk(2, dim=-1)
         else:
-            null = self.embed_input_ids(torch.full_like(
-                positions, self.codebook_size + self.config.null_class))
-        uncond = torch.where(is_condition[:, None], null, cond)
+            assert input_ids is not None, "a c2i LlamaGen prompt is token ids"
+            cond = self.embed_input_ids(input_ids)
+            uncond = torch.where(is_condition[:, None],
+                                 self._c2i_embeddings(input_ids, guided=False), cond)
         hidden_states = torch.stack([cond, uncond], dim=1).flatten(0, 1)  # [2T, D]
         freqs_cis = self.freqs_cis[positions]
         residual = None
@@ -273,6 +287,7 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
             if name == "freqs_cis":  # stale RoPE table in some official files
                 continue
             if self.is_t2i and name.startswith("cls_embedding."):
+                # The front-end projects captions (and the null caption) itself.
                 caption[name.removeprefix("cls_embedding.")] = tensor
                 continue
             for param_name, ckpt_name, shard_id in self.stacked_params_mapping:
@@ -288,18 +303,8 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
         if self.is_t2i:
-            self._make_null_caption(caption)
+            needed = {"uncond_embedding", "cap_proj.fc1.weight", "cap_proj.fc2.weight"}
+            if set(caption) != needed:
+                raise ValueError(f"t2i checkpoint caption weights {sorted(caption)}, expected "
+                                 f"{sorted(needed)}")
         return loaded
-
-    @torch.no_grad()
-    def _make_null_caption(self, caption: dict[str, torch.Tensor]) -> None:
-        """cap_proj = fc2(gelu_tanh(fc1 x)), no biases, in the model dtype as the original."""
-        needed = {"uncond_embedding", "cap_proj.fc1.weight", "cap_proj.fc2.weight"}
-        if set(caption) != needed:
-            raise ValueError(f"t2i checkpoint caption weights {sorted(caption)}, expected "
-                             f"{sorted(needed)}")
-        dtype, device = self.null_caption.dtype, self.null_caption.device
-        w1, w2, null = (caption[k].to(device, dtype) for k in
-                        ("cap_proj.fc1.weight", "cap_proj.fc2.weight", "uncond_embedding"))
-        hidden = F.gelu(F.linear(null, w1), approximate="tanh")
-        self.null_caption.copy_(F.linear(hidden, w2)[: self.null_caption.shape[0]])

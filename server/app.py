@@ -7,9 +7,11 @@ OpenAI's envelope (`server.errors`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +32,7 @@ from server.image_store import open_image_store
 from server.routers import native, openai_images, ops, playground
 from server.routers.openai_images import EDITS_PATH, VARIATIONS_PATH
 from server.settings import ServerSettings
+from server.tenants import KeyRing
 
 log = logging.getLogger("llamagen.server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -41,9 +44,12 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname,
                                  "logger": record.name, "message": record.getMessage()}
-        for key in ("request_id", "method", "path", "status", "seconds"):
+        for key in ("request_id", "method", "path", "status", "seconds", "key", "images",
+                    "image_tokens"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
+        if record.exc_info:  # an operator's log: the traceback belongs there (never to clients)
+            entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
@@ -120,9 +126,16 @@ class RequestContext:
             await error.response()(scope, receive, send_with_id)
         finally:
             if scope["path"] not in ("/metrics", "/health", "/ready"):
+                # The key's name and what the request used (set by the route, if it got so
+                # far); never the key itself.
+                request_state = scope["state"]
+                tenant = request_state.get("tenant")
+                usage = request_state.get("usage", {})
                 log.info("request", extra={"request_id": request_id, "method": scope["method"],
                                            "path": scope["path"], "status": status,
-                                           "seconds": round(time.monotonic() - start, 4)})
+                                           "seconds": round(time.monotonic() - start, 4),
+                                           **({} if tenant is None else {"key": tenant.name}),
+                                           **usage})
 
 
 
@@ -150,11 +163,25 @@ async def watch_engines(state: AppState) -> None:
             return
 
 
+async def watch_keys(state: AppState) -> None:
+    """Read the keys file again whenever it changes (SIGHUP reads it at once)."""
+    if state.settings.api_keys_file is None:
+        return
+    while True:
+        await asyncio.sleep(state.settings.api_keys_reload_s)
+        if state.keys.changed():
+            state.keys.reload()
+
+
 def create_app(settings: ServerSettings, credentials: ContentCredentials | None = None
                ) -> FastAPI:
     """The app; `credentials`: the C2PA signer when the caller made it already (else made
     from the settings at startup)."""
-    state = AppState(settings=settings, credentials=credentials,
+    # A bad keys file stops the start here, naming its line, before any engine starts.
+    keys = KeyRing(None if settings.api_key is None else settings.api_key.get_secret_value(),
+                   settings.api_keys_file,
+                   priorities=settings.scheduling_policy == "priority")
+    state = AppState(settings=settings, credentials=credentials, keys=keys,
                      fetch_policy=FetchPolicy.from_settings(settings.image_url_hosts,
                                                             settings.image_url_networks,
                                                             settings.image_url_timeout_s))
@@ -182,8 +209,13 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
                 log.info(f"serving {model.path} as {', '.join(served)}")
             state.ready = True
             watchdog = asyncio.create_task(watch_engines(state), name="engine-watchdog")
+            reloader = asyncio.create_task(watch_keys(state), name="keys-reloader")
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                # Only where the loop runs in the main thread (uvicorn: yes).
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, state.keys.reload)
             yield
             watchdog.cancel()
+            reloader.cancel()
         finally:
             state.ready = False
             for service in state.services.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -17,6 +16,7 @@ from server.errors import ServiceError
 from server.fetch import FetchPolicy
 from server.image_store import ImageStore
 from server.settings import ServerSettings
+from server.tenants import KeyRing, Tenant
 
 T = TypeVar("T")
 
@@ -29,6 +29,7 @@ class AppState:
     images: ImageStore | None = None
     credentials: ContentCredentials | None = None  # None: images are not signed
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)  # image URLs of edits
+    keys: KeyRing = field(default_factory=KeyRing)  # none: no key is required
     ready: bool = False
     draining: bool = False
     engine_dead: str | None = None  # why, once the watchdog saw an engine core die
@@ -41,15 +42,19 @@ def get_state(request: Request) -> AppState:
     return request.app.state.llamagen
 
 
-def require_api_key(request: Request, state: AppState = Depends(get_state)) -> None:
-    key = state.settings.api_key
-    if key is None:
-        return
+def require_api_key(request: Request, state: AppState = Depends(get_state)) -> Tenant | None:
+    """The key's tenant (None when no key is required), also kept in `request.state.tenant`
+    for the serving objects and the access log (which names it, never the key)."""
+    if not state.keys.required:
+        request.state.tenant = None
+        return None
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-            given.strip().encode(), key.get_secret_value().encode()):
+    tenant = state.keys.lookup(given.strip()) if scheme.lower() == "bearer" else None
+    if tenant is None:
         raise ServiceError(401, "missing or invalid API key: send `Authorization: Bearer KEY`",
                            code="invalid_api_key")
+    request.state.tenant = tenant
+    return tenant
 
 
 def accepting(state: AppState = Depends(get_state)) -> AppState:

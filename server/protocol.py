@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 from engine.sampling import SamplingOptions, overrides_model
+from server.tenants import PRIORITY_MAX, PRIORITY_MIN
 from vq_decoder.encoding import ImageFormat as OutputFormat
 
 # An optional response field: left out when unset (OpenAI's schema has no null there), so
@@ -30,6 +31,12 @@ VariationSampling = overrides_model("VariationSampling",
                                     exclude=("greedy", "cfg_scale", "cfg_interval"))
 
 
+PRIORITY = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="extension: vLLM's "
+                 "scheduling priority, lower runs first (default: the API key's default "
+                 "priority, else 0); needs --scheduling-policy priority unless 0; an API key "
+                 "may ask for no more urgent value than its max_priority")
+
+
 class ImageOutput(BaseModel):
     """The fields every OpenAI image request has: which model, how many images, and how
     they are delivered."""
@@ -45,12 +52,21 @@ class ImageOutput(BaseModel):
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
     user: str | None = Field(None, max_length=256)
+    priority: int | None = PRIORITY
+
+
+NEGATIVE = ("extension: what guidance steers away from, in place of the null condition in "
+            "the unguided stream: a class id or name (class-conditional models) or a caption "
+            "(text-conditional ones, cleaned and truncated as prompts are); needs guidance "
+            "(cfg_scale > 1, the default), else a 400")
 
 
 class ImageRequest(ImageOutput, OpenAISampling):  # type: ignore[misc, valid-type]
     """The fields OpenAI's generation and edit requests share."""
 
     prompt: str = Field(min_length=1, max_length=32000)
+    negative_prompt: str | None = Field(None, min_length=1, max_length=32000,
+                                        description=NEGATIVE)
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=3)
     # Accepted for compatibility; a LlamaGen image has one quality and is always opaque.
@@ -60,11 +76,11 @@ class ImageRequest(ImageOutput, OpenAISampling):  # type: ignore[misc, valid-typ
         "transparent: a 400")
     moderation: Literal["low", "auto"] | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", "negative_prompt")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be empty")
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
         return v
 
     @field_validator("background")
@@ -275,6 +291,11 @@ class NativeGenerateRequest(NativeSampling):  # type: ignore[misc, valid-type]
     labels: list[int | str] | None = Field(None, min_length=1,
                                            description="c2i: class ids or names")
     prompts: list[str] | None = Field(None, min_length=1, description="t2i: captions")
+    negative_prompt: int | str | None = Field(None, description=NEGATIVE + "; for every "
+                                              "image (or `negative_prompts`, one per image)")
+    negative_prompts: list[int | str] | None = Field(
+        None, min_length=1, description="one negative per label or prompt, as "
+        "`negative_prompt`")
     model: str | None = None
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
@@ -285,6 +306,7 @@ class NativeGenerateRequest(NativeSampling):  # type: ignore[misc, valid-type]
     return_tokens: bool = False
     stream: bool = False
     partial_images: int = Field(0, ge=0, le=3)
+    priority: int | None = PRIORITY
 
     @field_validator("prompts")
     @classmethod
@@ -298,7 +320,16 @@ class NativeGenerateRequest(NativeSampling):  # type: ignore[misc, valid-type]
     def _labels_or_prompts(self) -> NativeGenerateRequest:
         if (self.labels is None) == (self.prompts is None):
             raise ValueError("give exactly one of labels (c2i models) and prompts (t2i)")
+        if self.negative_prompt is not None and self.negative_prompts is not None:
+            raise ValueError("give negative_prompt (for every image) or negative_prompts "
+                             "(one per image), not both")
         return self
+
+    def negatives(self) -> list[int | str] | None:
+        """One negative per image, or None."""
+        if self.negative_prompt is not None:
+            return [self.negative_prompt] * self.count
+        return self.negative_prompts
 
     @property
     def count(self) -> int:
@@ -315,6 +346,8 @@ class NativeImage(BaseModel):
     class_label: int | None = None
     class_name: str | None = None
     prompt: str | None = Field(None, description="t2i: the caption as the model saw it")
+    negative_prompt: str | None = Field(None, description="the negative the unguided stream "
+                                        "saw: a class name, or a caption as the model saw it")
     seed: int | None
     b64_json: str
     tokens: list[int] | None = None

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -55,6 +55,7 @@ from server.protocol import (
     PartialImageEvent,
     Usage,
 )
+from server.tenants import ANONYMOUS, OverLimit, Tenant
 from vq_decoder.inputs import ImageInputError, fit_image, mask_redrawn, read_image
 
 T = TypeVar("T")
@@ -73,6 +74,14 @@ class ServingRequest:
         self.request_id: str = request.state.request_id
         self.started, self.created = time.monotonic(), int(time.time())
         self.reservation: Reservation | None = None
+        # The API key's tenant (None: no key required), its limits' reservation, the
+        # request's priority, and what it used (for the key's usage and the access log).
+        self.tenant: Tenant | None = getattr(request.state, "tenant", None)
+        self.key_name = ANONYMOUS if self.tenant is None else self.tenant.name
+        self._tenant_release: Callable[[], None] | None = None
+        self.priority = 0
+        self.images_done = self.tokens_done = 0
+        self.count_param = "n"  # what the request's image count is called (check_count)
         # Set by configure(), which every request kind calls before it generates.
         self.options: SamplingOptions
         self.writer: ImageWriter
@@ -80,10 +89,27 @@ class ServingRequest:
     # ---- checks, in the order a request meets them ----
 
     def check_count(self, n: int, param: str) -> None:
+        self.count_param = param
         limit = self.state.settings.max_images_per_request
         if n > limit:
             raise ServiceError(400, f"{param}: at most {limit} images per request",
                                param=param, code="too_many_images")
+
+    def set_priority(self, given: int | None) -> None:
+        """The request's priority: the one given, else the key's default, else 0 (a 400 when
+        the key may not ask for it or the engine does not schedule by priority)."""
+        most_urgent = None if self.tenant is None else self.tenant.spec.most_urgent
+        if given is not None and most_urgent is not None and given < most_urgent:
+            raise ServiceError(400, f"priority: this API key may ask for {most_urgent} or a "
+                               "larger (less urgent) value; lower runs first",
+                               param="priority", code="priority_not_allowed")
+        priority = given if given is not None else (
+            0 if self.tenant is None else self.tenant.spec.default_priority)
+        if priority != 0 and self.state.settings.scheduling_policy != "priority":
+            raise ServiceError(400, "priority: this server schedules first come, first served "
+                               "(start it with --scheduling-policy priority)",
+                               param="priority", code="priority_not_enabled")
+        self.priority = priority
 
     def check_task(self, t2i: bool, param: str) -> None:
         """A caption for a class-conditional model, or labels for a text-conditional one."""
@@ -106,30 +132,75 @@ class ServingRequest:
                                   self.state.credentials, edit=edit, size=size)
 
     async def admit(self, texts: list[int | str], images: int, param: str, *,
-                    indexed: bool = True) -> list[Condition]:
+                    indexed: bool = True, negatives: list[int | str] | None = None,
+                    negative_param: str = "negative_prompt", negatives_indexed: bool = False
+                    ) -> list[Condition]:
         """Room for `images` images (or 429), and one condition per text: class ids or names
         for c2i models (checked first: a bad one is a 400), captions for t2i models (encoded
-        after admission, since encoding costs compute; released again if it fails)."""
-        conditions = None if self.model.is_t2i else self._classes(texts, param, indexed)
+        after admission, since encoding costs compute; released again if it fails).
+        `negatives`: one per text (None: none), named `negative_param` (`.i` appended when
+        `negatives_indexed`), each in the unguided stream of its text's condition."""
+        self.check_negative(negatives, negative_param, negatives_indexed)
+        if not self.model.is_t2i:
+            conditions = self._classes(texts, param, indexed)
+            negative = (None if negatives is None else
+                        self._classes(negatives, negative_param, negatives_indexed))
         self.reserve(images)
-        if conditions is not None:
-            return conditions
+        if not self.model.is_t2i:
+            return [c.with_negative(None if negative is None else negative[i])
+                    for i, c in enumerate(conditions)]
+        # One encoding per distinct text, prompts and negatives in one batch.
+        distinct = list(dict.fromkeys(str(t) for t in [*texts, *(negatives or [])]))
         try:
-            return await self.service.encode_prompts([str(t) for t in texts])
+            encoded = dict(zip(distinct, await self.service.encode_prompts(distinct),
+                               strict=True))
         except BaseException:
-            self.reservation.release()
+            self.release()
             raise
+        return [encoded[str(t)].with_negative(
+                    None if negatives is None else encoded[str(negatives[i])])
+                for i, t in enumerate(texts)]
+
+    def check_negative(self, negatives: list[int | str] | None, param: str,
+                       indexed: bool = False) -> None:
+        """A negative needs guidance: with cfg_scale <= 1 the unguided stream is not used."""
+        if negatives is not None and self.options.cfg_scale <= 1:
+            raise ServiceError(400, f"{param}: a negative prompt steers guidance, and "
+                               f"cfg_scale is {self.options.cfg_scale:g}; give cfg_scale > 1",
+                               param=param, code="negative_without_guidance")
+        for i, text in enumerate(negatives or []):
+            if isinstance(text, str) and not text.strip():
+                where = f"{param}.{i}" if indexed else param
+                raise ServiceError(400, f"{where}: must not be empty", param=where,
+                                   code="invalid_value")
 
     def reserve(self, images: int) -> None:
-        """Room for `images` images, or a 429."""
+        """Room for `images` images within the API key's limits and the model's queue, or a
+        429 (counted per key)."""
+        if self.tenant is not None:
+            try:
+                self._tenant_release = self.tenant.admit(images)
+            except OverLimit as e:
+                metrics.KEY_REJECTIONS.labels(self.key_name, e.reason).inc()
+                metrics.KEY_REQUESTS.labels(self.key_name, self.endpoint, "rejected").inc()
+                if e.retry_after_s is None:
+                    raise ServiceError(400, f"{e}: ask for fewer", param=self.count_param,
+                                       code="exceeds_key_limit") from None
+                raise ServiceError(429, f"{e}; retry later", type="rate_limit_error",
+                                   code="key_limit_exceeded",
+                                   headers={"Retry-After": str(e.retry_after_s)}) from None
         try:
-            self.reservation = self.service.admit(images)
+            self.reservation = self.service.admit(images, self.priority)
         except QueueFull as e:
+            self.release()
+            metrics.KEY_REQUESTS.labels(self.key_name, self.endpoint, "rejected").inc()
             raise ServiceError.queue_full(e) from None
 
     def release(self) -> None:
         if self.reservation is not None:
             self.reservation.release()
+        if self._tenant_release is not None:
+            self._tenant_release()
 
     def _classes(self, labels: list[int | str], param: str, indexed: bool) -> list[Condition]:
         conditions = []
@@ -152,10 +223,15 @@ class ServingRequest:
         events = self.service.generate(conditions, self.options, prefixes=prefixes,
                                        partial_images=partial_images,
                                        request_id=self.request_id,
-                                       deadline=self.started + timeout)
+                                       deadline=self.started + timeout,
+                                       priority=self.priority)
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
+                    if isinstance(event, Finished):
+                        self.images_done += 1
+                        self.tokens_done += self.model.gpt.block_size - len(
+                            (prefixes or [[]] * len(conditions))[event.index])
                     yield event
         except TimeoutError:
             metrics.TIMEOUTS.labels(self.service.name, self.endpoint).inc()
@@ -244,6 +320,11 @@ class ServingRequest:
     def _finish(self, outcome: str) -> None:
         self.release()
         metrics.REQUESTS.labels(self.service.name, self.endpoint, outcome).inc()
+        metrics.KEY_REQUESTS.labels(self.key_name, self.endpoint, outcome).inc()
+        metrics.KEY_IMAGES.labels(self.key_name).inc(self.images_done)
+        metrics.KEY_IMAGE_TOKENS.labels(self.key_name).inc(self.tokens_done)
+        self.request.state.usage = {"images": self.images_done,
+                                    "image_tokens": self.tokens_done}
         if outcome == "ok":
             metrics.REQUEST_LATENCY.labels(self.service.name, self.endpoint).observe(
                 time.monotonic() - self.started)
@@ -258,11 +339,17 @@ class ServingImages(ServingRequest):
 
     async def create(self, body: ImageGenerationRequest) -> Response:
         self.check_count(body.n, "n")
+        self.set_priority(body.priority)
         size = self.output_size(body.size)
         self.configure(body, body.output_format, body.output_compression, size=size)
         # One prompt for all n images: resolved or encoded once.
-        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
+        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False,
+                                        negatives=self.negatives(body))
         return await self.respond(body, condition)
+
+    @staticmethod
+    def negatives(body: ImageRequest) -> list[int | str] | None:
+        return None if body.negative_prompt is None else [body.negative_prompt]
 
     def output_size(self, size: str) -> int:
         """The side of the square images delivered (a 400 saying what is accepted)."""
@@ -418,6 +505,7 @@ class ServingEdits(ServingImages):
                      params: tuple[str, str] = ("image", "mask")) -> Response:
         """`params`: what the image and the mask are called in the request."""
         self.check_count(body.n, "n")
+        self.set_priority(body.priority)
         size = self.output_size(body.size)
         grid = self.model.grid_size
         if mask is not None and body.keep_rows is not None:
@@ -455,13 +543,24 @@ class ServingEdits(ServingImages):
     def check_condition(self, body: ImageEditRequest | ImageVariationRequest) -> None:
         """What the images are conditioned on can be had: checked before any input is read
         or fetched (a c2i prompt names a class; admission resolves it again, cheaply)."""
-        if isinstance(body, ImageEditRequest) and not self.model.is_t2i:
+        if not isinstance(body, ImageEditRequest):
+            return
+        if not self.model.is_t2i:
             self._classes([body.prompt], "prompt", indexed=False)
+        if body.negative_prompt is not None:
+            try:
+                self.options = body.sampling_options(self.model.gpt.model_type)
+            except ValidationError as e:
+                raise validation_error(e) from None
+            self.check_negative([body.negative_prompt], "negative_prompt")
+            if not self.model.is_t2i:
+                self._classes([body.negative_prompt], "negative_prompt", indexed=False)
 
     async def condition(self, body: ImageEditRequest | ImageVariationRequest) -> Condition:
         """Room for the images, and the condition they are drawn under."""
         assert isinstance(body, ImageEditRequest)
-        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False)
+        (condition,) = await self.admit([body.prompt], body.n, "prompt", indexed=False,
+                                        negatives=self.negatives(body))
         return condition
 
     def _split(self, form: FormData) -> tuple[dict[str, str], dict[str, UploadFile]]:
@@ -559,11 +658,21 @@ class ServingNative(ServingRequest):
                      ) -> NativeGenerateResponse | EventSourceResponse:
         param = "labels" if body.labels is not None else "prompts"
         self.check_count(body.count, param)
+        self.set_priority(body.priority)
         self.check_task(body.prompts is not None, param)
         self.configure(body, body.output_format, body.output_compression)
         texts: list[int | str] = list(body.prompts or body.labels or [])  # exactly one given
         prefixes = self._prefixes(body, param)
-        conditions = await self.admit(texts, body.count, param)
+        negatives = body.negatives()
+        if negatives is not None and len(negatives) != body.count:
+            raise ServiceError(400, f"negative_prompts: {len(negatives)} for {body.count} "
+                               f"{param}; give one per image", param="negative_prompts",
+                               code="invalid_value")
+        conditions = await self.admit(texts, body.count, param, negatives=negatives,
+                                      negative_param="negative_prompts"
+                                      if body.negative_prompts is not None
+                                      else "negative_prompt",
+                                      negatives_indexed=body.negative_prompts is not None)
         if body.stream:
             return self.stream(self._events(body, conditions, prefixes))
         images = await self.collect(self._images(body, conditions, prefixes))
@@ -615,10 +724,19 @@ class ServingNative(ServingRequest):
             index=event.index, class_label=label,
             class_name=None if label is None else self.model.class_names[label],
             prompt=event.condition.caption, seed=event.seed,
+            negative_prompt=self._negative(event.condition),
             b64_json=await self.b64(event.pixels, event.condition, event.seed,
                                     prefixes[event.index]),
             tokens=event.tokens if body.return_tokens else None,
             seconds=round(event.seconds, 4))
+
+
+    def _negative(self, condition: Condition) -> str | None:
+        negative = condition.negative
+        if negative is None:
+            return None
+        return negative.caption if negative.label is None else \
+            self.model.class_names[negative.label]
 
 
 SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")

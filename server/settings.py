@@ -32,7 +32,14 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
         "MODEL=NAME entries, MODEL a model directory's name (a model without one keeps its "
         "own name); every name is accepted")
     api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer KEY` "
-                                      "on every /v1 route")
+                                      "on every /v1 route (one key, named `default`, "
+                                      "without limits; beside --api-keys-file if both)")
+    api_keys_file: Path | None = Field(
+        None, description="API keys with tiers, one JSON object per line: name, key or "
+        "sha256, default_priority, max_priority, images_per_minute, max_images_in_flight "
+        "(README, 'Tenants'); read again on SIGHUP and when it changes")
+    api_keys_reload_s: float = Field(2.0, gt=0, description="how often the keys file is "
+                                     "checked for changes")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     max_upload_bytes: int = Field(16 << 20, ge=1024, description="largest image or mask file "

@@ -70,23 +70,33 @@ def classes(labels: list[int]) -> list[Condition]:
 
 
 def reference_tokens(model: ModelDir, labels: list[int], options: SamplingOptions,
-                     prefix: list[list[int]] | None = None) -> list[list[int]]:
+                     prefix: list[list[int]] | None = None, negative: list[int] | None = None
+                     ) -> list[list[int]]:
     """c2i: the reference loop's greedy tokens under the options' guidance (with `prefix`,
-    one equal-length list per label: its completion, prefix included)."""
+    one equal-length list per label: its completion, prefix included; `negative`: one class
+    per label in the unconditional half)."""
     return generate(model.load_reference(), torch.tensor(labels), cfg_scale=options.cfg_scale,
                     cfg_interval=options.cfg_interval, greedy=True,
-                    prefix=torch.tensor(prefix) if prefix and prefix[0] else None).tolist()
+                    prefix=torch.tensor(prefix) if prefix and prefix[0] else None,
+                    negative=None if negative is None else torch.tensor(negative)).tolist()
 
 
 def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float,
-                         cfg_interval: int = -1, prefix: list[list[int]] | None = None
-                         ) -> list[list[int]]:
+                         cfg_interval: int = -1, prefix: list[list[int]] | None = None,
+                         negative: list[torch.Tensor] | None = None) -> list[list[int]]:
     """t2i: the reference's greedy tokens for captions' valid feature rows (left-padded and
-    masked, as the original); `prefix` as in `reference_tokens`."""
+    masked, as the original); `prefix` as in `reference_tokens`; `negative`: per caption, a
+    negative caption's valid rows in the unconditional half (both halves masked by the union
+    of the two masks, as the original masks both halves alike)."""
     features, masks = left_pad(valid)
+    negatives = None
+    if negative is not None:
+        negatives, negative_masks = left_pad(negative)
+        masks = masks | negative_masks
     return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
                     cfg_interval=cfg_interval, greedy=True,
-                    prefix=torch.tensor(prefix) if prefix and prefix[0] else None).tolist()
+                    prefix=torch.tensor(prefix) if prefix and prefix[0] else None,
+                    negative=negatives).tolist()
 
 
 def assert_c2i_matches_reference(engine: object, model: ModelDir, labels: list[int],

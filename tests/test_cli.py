@@ -38,6 +38,14 @@ def test_models_lists_the_zoo():
       "--prefix-tokens", "{tmp}/bad.json"], "prefix token 1 is 300"),
     (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
       "--prefix-tokens", "{tmp}/none.json"], "--prefix-tokens"),
+    (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
+      "--negative-prompt", "zebra"], "unknown class 'zebra'"),
+    (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
+      "--negative-prompt", "2", "--cfg-scale", "1"], "give --cfg-scale > 1"),
+    (["generate", "--model", "{model}", "--labels", "1", "2", "--tokens-out", "{tmp}/t.json",
+      "--negative-prompts", "2"], "1 for 2 images"),
+    (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
+      "--negative-prompt", "2", "--negative-prompts", "3"], "not both"),
 ])
 def test_bad_input_exits_with_one_clear_line(tmp_path, tiny_model, args, pattern):
     from model_registry.synthetic import save_gpt_checkpoint
@@ -142,6 +150,26 @@ def test_serve_refuses_unreadable_signing_credentials(tmp_path):
                                   "--c2pa-key", str(tmp_path / "key.pem")), "C2PA credentials")
     assert_one_line_error(run_cli("serve", "--c2pa-cert", str(tmp_path / "chain.pem")),
                           "both --c2pa-cert and --c2pa-key")
+
+
+@pytest.mark.parametrize("lines,pattern", [
+    (['{"name": "a", "key": "k1"}', '{"name": "b"}'], "line 2: give exactly one of key"),
+    (['# tiers', '', '{"name": "a", "key": "k1"', ], "line 3: not a JSON object"),
+    (['{"name": "a", "key": "k1"}', '{"name": "a", "key": "k2"}'], "line 2: the name 'a'"),
+    (['{"name": "a", "key": "k1", "images_per_minute": 0}'], "line 1: images_per_minute"),
+    (['{"name": "a", "key": "k1", "default_priority": 5, "max_priority": 9}'],
+     "line 1: max_priority 9 is less urgent"),
+    (['{"name": "a", "key": "k1", "default_priority": 5}'], "needs --scheduling-policy"),
+    ([], "no keys"),
+])
+def test_serve_refuses_a_bad_keys_file_naming_the_line(tmp_path, lines, pattern):
+    """A malformed --api-keys-file stops `serve` before any engine starts, in one line that
+    names the line and never echoes a key."""
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text("\n".join(lines) + "\n")
+    result = run_cli("serve", "--api-keys-file", str(keys))
+    assert_one_line_error(result, pattern)
+    assert "k1" not in result.stderr and "k2" not in result.stderr
 
 
 def test_dev_credentials_command(tmp_path):

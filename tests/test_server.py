@@ -36,6 +36,13 @@ from .helpers import (
     tiny_config,
 )
 
+# API keys with tiers (--api-keys-file), beside the operator's --api-key (named `default`).
+BULK_KEY, WEB_KEY, LATE_KEY = "sk-bulk-0123456789", "sk-web-0123456789", "sk-late-0123456789"
+KEYS = [{"name": "bulk", "key": BULK_KEY, "default_priority": 10, "max_priority": 5,
+         "images_per_minute": 4, "max_images_in_flight": 3},
+        {"name": "web", "sha256": hashlib.sha256(WEB_KEY.encode()).hexdigest(),
+         "default_priority": -10}]
+
 NAMES = ["red circle", "blue square", "green triangle", "yellow star", "crane", "crane",
          "purple heart", "orange ring", "black cross", "white moon"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -56,8 +63,17 @@ def served_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(served_model, tmp_path_factory):
+def keys_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys.jsonl"
+    path.write_text("# tiers\n" + "".join(json.dumps(k) + "\n" for k in KEYS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(served_model, keys_file, tmp_path_factory):
     with ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
+                       "--scheduling-policy", "priority", "--api-keys-file", str(keys_file),
+                       "--api-keys-reload-s", "600",  # the reload test sends SIGHUP
                        "--max-num-seqs", "8", "--max-queued-images", "12",
                        "--max-body-bytes", "4096", "--drain-timeout-s", "60",
                        "--max-upload-bytes", "200000",
@@ -336,10 +352,10 @@ def test_operational_endpoints(server):
     assert version["models"]["shapes"]["gpt_sha256"]
 
 
-def _open_stream(server, n: int):
+def _open_stream(server, n: int, **extra: object):
     """Start a streaming generation and return once its first preview arrived."""
     client = httpx.Client(timeout=120)
-    body = {"labels": [0] * n, "stream": True, "partial_images": 3, "seed": 1}
+    body = {"labels": [0] * n, "stream": True, "partial_images": 3, "seed": 1, **extra}
     response = client.send(client.build_request("POST", f"{server.url}/v1/generate",
                                                 json=body, headers=AUTH), stream=True)
     assert response.status_code == 200
@@ -995,6 +1011,146 @@ def test_litellm_sdk_generates_and_edits(server, source_image, monkeypatch):
                                 api_key=API_KEY,
                                 image=io.BytesIO(source_image[0]))
     assert decode_b64(edited.data[0].b64_json)[0].size == (256, 256)
+
+
+def test_negative_prompts_are_token_exact_and_recorded(client, server, served_model):
+    """A negative class in the unguided stream: one per image (native) or one for all
+    (OpenAI), greedy tokens equal to the reference loop's with the negative in its
+    unconditional half, recorded in the provenance; absent, nothing changes."""
+    from engine.sampling import SamplingOptions
+
+    from .helpers import reference_tokens
+
+    options = SamplingOptions(cfg_scale=4.0, greedy=True)
+    response = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120, json={
+        "labels": ["yellow star", 3, 5], "negative_prompts": ["blue square", "0", "blue square"],
+        "cfg_scale": 4.0, "greedy": True, "return_tokens": True})
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    for image, label, negative in zip(images, [3, 3, 5], [1, 0, 1], strict=True):
+        assert image["tokens"] == reference_tokens(served_model, [label], options,
+                                                   negative=[negative])[0]
+        assert image["negative_prompt"] == NAMES[negative]
+    assert images[0]["tokens"] != reference_tokens(served_model, [3], options)[0]
+    result = client.images.generate(model="shapes", prompt="yellow star", n=1, extra_body={
+        "negative_prompt": "blue square", "temperature": 0, "cfg_scale": 4.0})
+    meta = read_metadata(decode_b64(result.data[0].b64_json)[1])
+    assert meta["negative"] == {"label": 1, "class_name": "blue square"}
+    assert meta["class_label"] == 3
+    plain = client.images.generate(model="shapes", prompt="yellow star", n=1,
+                                   extra_body={"temperature": 0, "cfg_scale": 4.0})
+    assert "negative" not in read_metadata(decode_b64(plain.data[0].b64_json)[1])
+
+
+@pytest.mark.parametrize("path,body,param,code", [
+    ("/v1/images/generations", {"prompt": "1", "negative_prompt": "2", "cfg_scale": 1.0},
+     "negative_prompt", "negative_without_guidance"),
+    ("/v1/images/generations", {"prompt": "1", "negative_prompt": "zebra"},
+     "negative_prompt", "unknown_class"),
+    ("/v1/images/generations", {"prompt": "1", "negative_prompt": " "}, "negative_prompt",
+     None),
+    ("/v1/generate", {"labels": [1, 2], "negative_prompts": [3]}, "negative_prompts",
+     "invalid_value"),
+    ("/v1/generate", {"labels": [1, 2], "negative_prompts": [3, "zebra"]},
+     "negative_prompts.1", "unknown_class"),
+    ("/v1/generate", {"labels": [1], "negative_prompt": 3, "negative_prompts": [3]}, None,
+     None),
+    ("/v1/generate", {"labels": [1], "negative_prompt": 99}, "negative_prompt",
+     "unknown_class"),
+    ("/v1/generate", {"labels": [1], "priority": 101}, "priority", None),
+    ("/v1/images/generations", {"prompt": "1", "priority": -101}, "priority", None),
+])
+def test_bad_negatives_and_priorities_are_clear_400s(server, path, body, param, code):
+    before = metric(server.metrics(), "llamagen_queue_depth")
+    error = error_of(httpx.post(f"{server.url}{path}", headers=AUTH, json=body, timeout=60),
+                     400)
+    assert param is None or error["param"] == param, error
+    assert code is None or error["code"] == code, error
+    assert metric(server.metrics(), "llamagen_queue_depth") == before  # nothing admitted
+
+
+def test_a_full_queue_refuses_less_urgent_work_first(server):
+    """Under the priority policy a quarter of the queue (3 of 12 images) is kept for work of
+    priority <= 0: with 9 low-priority images in flight another low one gets a 429, an
+    urgent one still fits."""
+    client, response, lines = _open_stream(server, 9, priority=5)
+    try:
+        refused = httpx.post(f"{server.url}/v1/generate", headers=AUTH,
+                             json={"labels": [1], "priority": 5})
+        assert error_of(refused, 429)["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        ok = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120,
+                        json={"labels": [1, 2, 3], "priority": -5})
+        assert ok.status_code == 200, ok.text
+    finally:
+        for _ in lines:
+            pass
+        response.close()
+        client.close()
+
+
+def test_api_keys_have_tiers_limits_and_usage(server):
+    """Keys from the file: priorities bounded by the key, images per minute and in flight
+    limited (429 with Retry-After, counted per key), usage per key in the metrics and in
+    the access log under the key's name; no key is ever logged."""
+    bulk = {"Authorization": f"Bearer {BULK_KEY}"}
+    web = {"Authorization": f"Bearer {WEB_KEY}"}
+    url = f"{server.url}/v1/images/generations"
+    before = server.metrics()
+    # Its max_priority is 5: it may not ask for 0.
+    assert error_of(httpx.post(url, headers=bulk, json={"prompt": "1", "priority": 0}),
+                    400)["code"] == "priority_not_allowed"
+    # More than its in-flight limit in one request can never pass: a 400, not a 429.
+    assert error_of(httpx.post(url, headers=bulk, json={"prompt": "1", "n": 4}),
+                    400)["param"] == "n"
+    ok = httpx.post(url, headers=bulk, timeout=120, json={"prompt": "1", "n": 3})
+    assert ok.status_code == 200, ok.text
+    refused = httpx.post(url, headers=bulk, json={"prompt": "1", "n": 2})  # 3 + 2 > 4 / min
+    error = error_of(refused, 429)
+    assert error["type"] == "rate_limit_error" and error["code"] == "key_limit_exceeded"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert httpx.post(url, headers=web, timeout=120, json={"prompt": "2"}).status_code == 200
+    assert error_of(httpx.post(url, headers={"Authorization": "Bearer sk-nobody"},
+                               json={"prompt": "1"}), 401)["code"] == "invalid_api_key"
+    after = server.metrics()
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("llamagen_key_images_total", key="bulk") == 3
+    assert grew("llamagen_key_image_tokens_total", key="bulk") == 3 * 256
+    assert grew("llamagen_key_images_total", key="web") == 1
+    assert grew("llamagen_key_requests_total", key="bulk", outcome="ok") == 1
+    assert grew("llamagen_key_requests_total", key="bulk", outcome="rejected") == 2
+    assert grew("llamagen_key_rejections_total", key="bulk", limit="images_per_minute") == 1
+    log = server.log.read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    served = [line for line in lines if line.get("key") == "bulk" and line["status"] == 200]
+    assert served and served[-1]["images"] == 3 and served[-1]["image_tokens"] == 3 * 256
+    for secret in (BULK_KEY, WEB_KEY, API_KEY):
+        assert secret not in log
+
+
+def test_keys_file_is_reloaded_on_sighup(server, keys_file):
+    late = {"Authorization": f"Bearer {LATE_KEY}"}
+    url = f"{server.url}/v1/models"
+    assert httpx.get(url, headers=late).status_code == 401
+    with keys_file.open("a") as f:
+        f.write(json.dumps({"name": "late", "key": LATE_KEY}) + "\n")
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while httpx.get(url, headers=late).status_code != 200:
+        assert time.monotonic() < deadline, "the new key was not loaded"
+        time.sleep(0.2)
+    # A file that no longer parses keeps the keys in force.
+    keys_file.write_text("{not json\n")
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "keys file not reloaded" not in server.log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert httpx.get(url, headers=late).status_code == 200
+    assert httpx.get(url, headers=AUTH).status_code == 200
 
 
 def test_sigterm_drains_in_flight_work(server):

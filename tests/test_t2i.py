@@ -142,7 +142,8 @@ def test_completion_parity_in_one_mixed_batch(tiny_t2i, tiny_t2i_engine):
     cases = [(c, random_prefix(tiny_t2i, p, seed=k), SamplingOptions(
         cfg_scale=s, cfg_interval=i, greedy=True))
         for k, (p, s, i) in enumerate(completion_cases(8)) for c in range(3)]
-    prompts = [conditions[c].prompt(tiny_t2i, prefix) for c, prefix, _ in cases]
+    prompts = [conditions[c].prompt(tiny_t2i, prefix, tiny_t2i_engine.null)
+               for c, prefix, _ in cases]
     params = [sampling_params(tiny_t2i, opts, None, prefix_len=len(prefix))
               for _, prefix, opts in cases]
     outputs = tiny_t2i_engine.llm.generate(prompts, params, use_tqdm=False)
@@ -150,6 +151,33 @@ def test_completion_parity_in_one_mixed_batch(tiny_t2i, tiny_t2i_engine):
         expected = reference_t2i_tokens(tiny_t2i, [valid[c]], opts.cfg_scale,
                                         opts.cfg_interval, [prefix])[0]
         assert prefix + list(out.outputs[0].token_ids) == expected, (c, len(prefix), opts)
+
+
+def test_negative_caption_parity_in_one_mixed_batch(tiny_t2i, tiny_t2i_engine):
+    """Negative captions shorter than, longer than and as long as the caption, beside
+    captions without one, guided and not and completing prefixes: equal to the reference
+    loop with the negative caption in its unconditional half (both halves masked alike)."""
+    g = torch.Generator().manual_seed(9)
+    dim = TINY_T2I["caption_dim"]
+    valid = [torch.randn(n, dim, generator=g) for n in (1, 30, 30, 120, 64)]
+    negative = [torch.randn(n, dim, generator=g) if n else None for n in (5, 60, 0, 120, 64)]
+    conditions = [c.with_negative(None if n is None else tiny_t2i_engine.caption_features([n])[0])
+                  for c, n in zip(tiny_t2i_engine.caption_features(valid), negative, strict=True)]
+    for options, prefix_len in [(SamplingOptions(cfg_scale=7.5, greedy=True), 0),
+                                (SamplingOptions(cfg_scale=1.0, greedy=True), 0),
+                                (SamplingOptions(cfg_scale=4.0, cfg_interval=40, greedy=True), 24)]:
+        prefixes = [random_prefix(tiny_t2i, prefix_len, seed) for seed in range(len(valid))]
+        tokens, _ = tiny_t2i_engine.generate(conditions, options, prefixes)
+        for i, (rows, n, got) in enumerate(zip(valid, negative, tokens, strict=True)):
+            kept = [prefixes[i]] if prefix_len else None
+            expected = reference_t2i_tokens(tiny_t2i, [rows], options.cfg_scale,
+                                            options.cfg_interval, kept,
+                                            None if n is None else [n])[0]
+            assert got == expected, (i, options)
+            plain = reference_t2i_tokens(tiny_t2i, [rows], options.cfg_scale,
+                                         options.cfg_interval, kept)[0]
+            changed = n is not None and (options.cfg_scale > 1 or len(n) > len(rows))
+            assert (got != plain) == changed, (i, options)
 
 
 def test_parity_under_preemption(tiny_t2i, engine_factory):

@@ -147,6 +147,65 @@ def test_completion_parity_in_one_mixed_batch(tiny_engine, tiny_model):
             (len(prefix), opts)
 
 
+def test_negative_class_parity_in_mixed_batches(tiny_engine, tiny_model):
+    """Negative classes in the unguided stream, beside requests without one, in one
+    submission: guided, unguided and completing a prefix, each equal to the reference loop
+    with the negative class in its unconditional half."""
+    from engine.conditions import Condition
+
+    labels, negatives = [0, 1, 2, 3, 4, 5], [None, 7, None, 3, 9, 0]
+    conditions = [Condition(label=label).with_negative(None if n is None else Condition(label=n))
+                  for label, n in zip(labels, negatives, strict=True)]
+    for options, prefix_len in [(SamplingOptions(cfg_scale=4.0, greedy=True), 0),
+                                (SamplingOptions(cfg_scale=1.0, greedy=True), 0),
+                                (SamplingOptions(cfg_scale=3.0, cfg_interval=40, greedy=True), 32)]:
+        prefixes = [random_prefix(tiny_model, prefix_len, seed) for seed in labels]
+        tokens, _ = tiny_engine.generate(conditions, options, prefixes)
+        for label, n, prefix, got in zip(labels, negatives, prefixes, tokens, strict=True):
+            kept = [prefix] if prefix_len else None
+            expected = reference_tokens(tiny_model, [label], options, kept,
+                                        None if n is None else [n])[0]
+            assert got == expected, (label, n, options)
+            plain = reference_tokens(tiny_model, [label], options, kept)[0]
+            # Guidance away from a class changes the picture; without guidance nothing.
+            assert (got == plain) == (n is None or options.cfg_scale <= 1), (label, n, options)
+
+
+def test_priority_policy_starts_urgent_work_before_queued_work(tiny_model, engine_factory):
+    """vLLM's priority policy through our engine arguments: two low-priority images run and
+    four wait; an urgent one arriving then starts before the four, by the order in which
+    requests produced their first token (never by timing)."""
+    from engine.conditions import Condition
+    from engine.vllm_api import sampling_params
+
+    llm = engine_factory(tiny_model, max_num_seqs=2, scheduling_policy="priority")
+    engine = llm.llm_engine
+    params = sampling_params(tiny_model, SamplingOptions(cfg_scale=4.0, greedy=True), None)
+    for i in range(6):
+        engine.add_request(f"low-{i}", Condition(label=i).prompt(tiny_model), params,
+                           priority=5)
+    started: list[str] = []  # by first token; within a step, in the engine's order
+    step_of: dict[str, int] = {}
+
+    def step(number: int) -> None:
+        for out in engine.step():
+            if out.outputs[0].token_ids and out.request_id not in started:
+                started.append(out.request_id)
+                step_of[out.request_id] = number
+
+    step(0)
+    assert started == ["low-0", "low-1"]  # saturated: the other four wait
+    engine.add_request("high", Condition(label=9).prompt(tiny_model), params, priority=-5)
+    number = 0
+    while engine.has_unfinished_requests():
+        number += 1
+        step(number)
+    assert started == ["low-0", "low-1", "high", "low-2", "low-3", "low-4", "low-5"]
+    # The urgent image took the first slot that freed: with the two running images ending
+    # in one step, it started in that step, ahead of low-2 and before the rest.
+    assert step_of["high"] == step_of["low-2"] < step_of["low-3"]
+
+
 def test_completion_keeps_the_prefix_and_checks_it(tiny_engine, tiny_model):
     prefix = random_prefix(tiny_model, 40, seed=3)
     options = SamplingOptions(cfg_scale=4.0, greedy=True)

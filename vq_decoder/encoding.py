@@ -66,11 +66,13 @@ def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
                sampling: dict[str, Any], software: str, label: int | None = None,
                class_name: str | None = None, prompt: str | None = None,
                unconditional: bool = False, edit: dict[str, Any] | None = None,
-               resampled: dict[str, Any] | None = None) -> dict[str, Any]:
+               resampled: dict[str, Any] | None = None,
+               negative: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record every image carries; `edit` (for a completion of an input image: rows
     kept, the input's sha256) makes its digital source type a composite; `unconditional`:
     drawn under the null condition (a variation); `resampled`: the size drawn, the size
-    delivered and the filter between them."""
+    delivered and the filter between them; `negative`: what guidance steered away from (a
+    class's label and name, or a caption)."""
     record: dict[str, Any] = {
         "model": model, "checkpoint_sha256": checkpoint_sha256, "seed": seed,
         "sampling": sampling, "software": software,
@@ -87,6 +89,8 @@ def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
         record["prompt"] = prompt
     if unconditional:
         record["unconditional"] = True
+    if negative is not None:
+        record["negative"] = negative
     if resampled is not None:
         record["resampled"] = resampled
     return record
