@@ -87,11 +87,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
                   cfg_scale: float | None = None, grid_out: Path | None = None,
                   llm: object | None = None, settings: EngineSettings | None = None,
-                  noise_floor: bool = True) -> dict:
+                  noise_floor: bool = True,
+                  negatives: list[tuple[str, str]] | None = None) -> dict:
     """Accuracy and the Fréchet distance to real images, with guidance (cfg_scale, default:
     the model's) and without (cfg 1.0), at the model's default sampling otherwise.
     `settings`: the engine's (default fp32, eager); `noise_floor`: also the distance
-    between two real sets, and between this guided run and one with other seeds."""
+    between two real sets, and between this guided run and one with other seeds;
+    `negatives`: (class, negative class) pairs, each drawn `per_class` x 10 times with and
+    without the negative (`negative_effect`)."""
     model = load_model_dir(model_dir)
     guided = SamplingOptions.resolve(model.gpt.model_type, cfg_scale=cfg_scale, seed=seed)
     classifier = load_classifier(model.path)
@@ -133,5 +136,29 @@ def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
             "real_vs_real": round(frechet_distance(other_real, real), 3),
             "cfg_seed_vs_seed": round(frechet_distance(other_run, guided_features), 3),
             "cfg_other_seed_vs_real": round(frechet_distance(other_run, real), 3)}
+    if negatives:
+        report["negative"] = [negative_effect(engine, classifier, guided, name, negative,
+                                              per_class * 10) for name, negative in negatives]
     report["tokenizer_psnr_db"] = round(tokenizer_psnr(model), 2)
     return report
+
+
+def negative_effect(engine: OfflineGenerator, classifier: object, options: SamplingOptions,
+                    name: str, negative: str, n: int) -> dict:
+    """How the classifier labels n images of class `name`, drawn with the negative class in
+    the unguided stream and without it (the same seeds): the share taken for the class, for
+    the negative, and for anything else."""
+    model = engine.model
+    label, away = model.resolve_label(name), model.resolve_label(negative)
+    plain = Condition(label=label)
+    result: dict = {"class": model.class_names[label], "negative": model.class_names[away],
+                    "images": n, "cfg_scale": options.cfg_scale}
+    for key, condition in (("without", plain),
+                           ("with", plain.with_negative(Condition(label=away)))):
+        tokens, _ = engine.generate([condition] * n, options)
+        predicted = classifier.predict(decode_all(model, tokens))  # type: ignore[attr-defined]
+        result[key] = {"as_class": round(float((predicted == label).mean()), 4),
+                       "as_negative": round(float((predicted == away).mean()), 4),
+                       "as_other": round(float(((predicted != label) &
+                                                (predicted != away)).mean()), 4)}
+    return result

@@ -284,9 +284,16 @@ def cmd_eval_demo(args: argparse.Namespace) -> None:
 
     settings = EngineSettings(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
                               enforce_eager=False if args.compiled else None)
+    negatives = []
+    for pair in args.negative or []:
+        name, sep, negative = pair.partition("=")
+        if not sep or not name.strip() or not negative.strip():
+            raise UsageError(f"--negative {pair!r}: write CLASS=NEGATIVE")
+        negatives.append((name, negative))
     report = evaluate_demo(resolve_model_path(args.model), per_class=args.per_class,
                            seed=args.seed, cfg_scale=args.cfg_scale, settings=settings,
-                           grid_out=Path(args.grid_out) if args.grid_out else None)
+                           grid_out=Path(args.grid_out) if args.grid_out else None,
+                           negatives=negatives)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
@@ -463,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=typing.get_args(KVCacheDType))
     p.add_argument("--compiled", action="store_true", help="vLLM's compiled model "
                    "(--no-enforce-eager)")
+    p.add_argument("--negative", action="append", metavar="CLASS=NEGATIVE",
+                   help="also draw 10 x --per-class images of CLASS with and without NEGATIVE "
+                   "in the unguided stream and report how they are classified (repeatable)")
     p.set_defaults(func=cmd_eval_demo)
 
     p = sub.add_parser("bench", help="benchmarks")

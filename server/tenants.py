@@ -196,14 +196,15 @@ class KeyRing:
 
     def _specs(self) -> list[KeySpec]:
         specs = [] if self.path is None else read_keys_file(self.path)
+        for spec in specs:
+            if not self.priorities and spec.default_priority != 0:
+                raise KeysFileError(f"{self.path}: key {spec.name!r} has default_priority "
+                                    f"{spec.default_priority}, which needs "
+                                    "--scheduling-policy priority")
         if self._single is not None:
             if any(s.name == "default" for s in specs):
                 raise KeysFileError(f"{self.path}: the name 'default' is --api-key's")
             specs.append(self._single)
-        for spec in specs:
-            if not self.priorities and (spec.default_priority or spec.most_urgent):
-                raise KeysFileError(f"{self.path}: key {spec.name!r} gives a priority, which "
-                                    "needs --scheduling-policy priority")
         return specs
 
     def reload(self, strict: bool = False) -> bool:

@@ -109,6 +109,29 @@ def test_page_generates_with_previews_and_shows_errors(page, server):
     page.screenshot(path=str(ARTIFACTS / "playground-error.png"))
 
 
+def test_page_draws_with_a_negative_class(page):
+    """The negative field goes to the API as `negative_prompt`: the image says so, and its
+    provenance records the class guidance steered away from."""
+    import base64
+
+    from playwright.sync_api import expect
+
+    from vq_decoder.encoding import read_metadata
+
+    page.get_by_label("Class", exact=True).fill("red circle")
+    page.get_by_label("Negative class", exact=True).fill("blue square")
+    page.get_by_label("Images", exact=True).fill("1")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("figure.tile.done")).to_have_count(1, timeout=60_000)
+    expect(page.locator("figure.tile.done figcaption")).to_contain_text(
+        "red circle, not blue square")
+    href = page.locator("figure.tile.done a").first.get_attribute("href")
+    meta = read_metadata(base64.b64decode(href.split(",", 1)[1]))
+    assert meta["class_name"] == "red circle"
+    assert meta["negative"] == {"label": 1, "class_name": "blue square"}
+    page.get_by_label("Negative class", exact=True).fill("")
+
+
 def test_live_panel_shows_server_load(page):
     from playwright.sync_api import expect
 

@@ -60,6 +60,46 @@ def test_native_prompts_give_the_reference_t2i_tokens(server, t2i_model):
     assert [img["tokens"] for img in images] == reference_t2i_tokens(t2i_model, valid, 7.5)
 
 
+def test_negative_captions_give_the_reference_tokens(client, server, t2i_model):
+    """Negative captions, cleaned and tokenised as prompts, in the unguided stream: one per
+    prompt (native, mixing shorter and longer than the prompt), one for all (an OpenAI edit),
+    token-exact against the reference; usage counts their tokens; provenance records them."""
+    import numpy as np
+
+    prompts, negatives = ["a red cat", "cat", "a red cat"], ["a <b>Blurry</b> photo", LONG,
+                                                             "a red cat"]
+    response = native(server, {"prompts": prompts, "negative_prompts": negatives,
+                               "greedy": True, "cfg_scale": 7.5, "return_tokens": True})
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert [img["negative_prompt"] for img in images] == [clean_caption(n) for n in negatives]
+    encoder = t2i_model.load_text_encoder()
+    valid = [c.features for c in encoder.encode(prompts)]
+    negative = [c.features for c in encoder.encode(negatives)]
+    assert [img["tokens"] for img in images] == reference_t2i_tokens(
+        t2i_model, valid, 7.5, negative=negative)
+    # A negative equal to the prompt cancels guidance: the conditional stream's tokens.
+    assert images[2]["tokens"] == reference_t2i_tokens(t2i_model, valid[2:], 1.0)[0]
+    pixels = np.random.default_rng(4).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    result = client.images.edit(model="captions", image=("in.png", buf.getvalue()),
+                                prompt="a red boat", extra_body={
+                                    "keep_rows": 3, "temperature": 0,
+                                    "negative_prompt": "A <i>Dark</i> sea"})
+    meta = read_metadata(base64.b64decode(result.data[0].b64_json))
+    assert meta["negative"] == {"prompt": "a dark sea"}
+    tokens = [len(c.token_ids) for c in encoder.encode(["a red boat", "a dark sea"])]
+    assert result.usage.input_tokens_details.text_tokens == sum(tokens)
+    codes = t2i_model.vq_encoder(device="cpu").encode_uint8(torch.from_numpy(pixels)[None])
+    prefix = codes[0].flatten()[:24].tolist()
+    again = native(server, {"prompts": ["a red boat"], "negative_prompt": "A <i>Dark</i> sea",
+                            "prefix_tokens": [prefix], "greedy": True, "return_tokens": True})
+    boat, dark = ([c.features] for c in encoder.encode(["a red boat", "a dark sea"]))
+    assert [again.json()["images"][0]["tokens"]] == reference_t2i_tokens(
+        t2i_model, boat, 7.5, prefix=[prefix], negative=dark)
+
+
 def test_openai_client_text_prompt(client, t2i_model):
     result = client.images.generate(model="captions", prompt="A <b>Blue</b> house by the sea",
                                     n=2, extra_body={"seed": 7, "cfg_scale": 4.0})

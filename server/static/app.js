@@ -70,6 +70,7 @@ async function loadClasses() {
   // A text-conditional model takes a caption: no class list to complete from.
   $("prompt-label").textContent = isTextModel() ? "Prompt" : "Class";
   $("prompt").placeholder = isTextModel() ? "a caption" : "a class name or id";
+  $("negative-label").textContent = isTextModel() ? "Negative prompt" : "Negative class";
   // The original samplers' defaults: sample_t2i.py guides harder and keeps fewer tokens.
   $("cfg").value = isTextModel() ? 7.5 : 4;
   $("topk").value = isTextModel() ? 1000 : 2000;
@@ -118,6 +119,7 @@ function finishTile(tile, image) {
     $("seed").value = image.seed ?? 0;
     $("n").value = 1;
     $("prompt").value = image.prompt;
+    $("negative").value = image.negative ?? "";
     $("controls").requestSubmit();
   });
   const toEdit = document.createElement("button");
@@ -225,6 +227,8 @@ async function generate(event) {
     stream: true,
     partial_images: PREVIEWS,
   };
+  const negative = $("negative").value.trim();
+  if (negative) request.negative_prompt = negative;
   const started = performance.now();
   const finished = await streamTiles(
     n, `Generating ${n} image${n > 1 ? "s" : ""} of “${prompt}”…`, "/v1/generate",
@@ -232,8 +236,10 @@ async function generate(event) {
     {
       preview: "partial_image", image: "image", name: "Image", drawing: "drawing",
       finished: (data) => ({
-        index: data.index, b64: data.b64_json, subject: data.class_name ?? data.prompt,
-        seed: data.seed, seconds: data.seconds, prompt,
+        index: data.index, b64: data.b64_json,
+        subject: (data.class_name ?? data.prompt) +
+          (data.negative_prompt ? `, not ${data.negative_prompt}` : ""),
+        seed: data.seed, seconds: data.seconds, prompt, negative,
       }),
     });
   if (finished === n) {
@@ -287,6 +293,8 @@ async function redraw() {
     cfg_scale: $("cfg").value, top_k: $("topk").value, temperature: $("temperature").value,
     seed: $("seed").value,
   };
+  const negative = $("negative").value.trim();
+  if (negative) fields.negative_prompt = negative;
   if ($("model").value) fields.model = $("model").value;
   for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
   const started = performance.now();
@@ -299,7 +307,7 @@ async function redraw() {
       finished: (data) => ({
         index: data.image_index, b64: data.b64_json,
         subject: `${data.revised_prompt ?? prompt} (kept ${data.kept_rows} rows)`,
-        seed: data.seed, prompt,
+        seed: data.seed, prompt, negative,
       }),
     });
   if (finished === n) {
