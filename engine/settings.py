@@ -49,6 +49,13 @@ class EngineSettings(BaseModel):
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="vLLM's scheduling policy: fcfs (first come, first served) or "
         "priority (requests carry a `priority`, lower runs first, ties by arrival)")
+    enable_lora: bool = Field(False, description="serve LoRA adapters (vLLM's multi-LoRA "
+                              "batching; on when --lora-modules are given)")
+    max_loras: int = Field(2, ge=1, le=64, description="adapters loaded at once, all of "
+                           "them servable in one batch (vLLM's --max-loras: a slot of LoRA "
+                           "weights each)")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="the largest adapter rank "
+                               "served (vLLM's --max-lora-rank)")
     quantization: Literal["fp8"] | None = Field(
         None, description="vLLM's weight quantization at load: fp8 (GPUs only; vLLM's CPU "
         "build has no fp8 weight kernels)")

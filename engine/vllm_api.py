@@ -155,6 +155,14 @@ def engine_kwargs(model: ModelDir, settings: EngineSettings) -> dict[str, Any]:
         kwargs["hf_overrides"] = {"hidden_size": 2 * model.gpt.dim}
     if settings.quantization is not None:
         kwargs["quantization"] = settings.quantization
+    if settings.enable_lora:
+        # vLLM 0.32's CPU LoRA ops (lora/ops/torch_ops) gather each token's adapter slot,
+        # and a base token's -1 wraps to the last slot, adding that adapter to base rows in
+        # a mixed batch (vllm#48421, open). At most max_loras adapters are loaded
+        # (`engine.adapters`), so one slot more stays empty: base rows get a zero delta.
+        slots = settings.max_loras + (0 if has_cuda() else 1)
+        kwargs.update(enable_lora=True, max_loras=slots, max_cpu_loras=slots,
+                      max_lora_rank=settings.max_lora_rank)
     if has_cuda():
         kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
                       enforce_eager=bool(settings.enforce_eager))
@@ -199,14 +207,24 @@ def llm_dtype(llm: Any) -> torch.dtype:
     return llm.llm_engine.model_config.dtype
 
 
-def generate_offline(llm: Any, prompts: Sequence[Any], params: Sequence[Any]
-                     ) -> list[list[int]]:
-    """Token ids per prompt, in order, from an offline engine."""
-    outputs = llm.generate(list(prompts), list(params), use_tqdm=False)
+def generate_offline(llm: Any, prompts: Sequence[Any], params: Sequence[Any],
+                     loras: Sequence[Any] | None = None) -> list[list[int]]:
+    """Token ids per prompt, in order, from an offline engine (`loras`: per prompt a
+    `lora_request` or None)."""
+    outputs = llm.generate(list(prompts), list(params), use_tqdm=False,
+                           lora_request=None if loras is None else list(loras))
     return [list(out.outputs[0].token_ids) for out in outputs]
 
 
 # ---- requests ----
+
+def lora_request(name: str, lora_id: int, path: str) -> Any:
+    """vLLM's handle of an adapter: its name, a positive integer id unique in the engine, and
+    the PEFT directory vLLM loads it from."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+
 
 def token_prompt(ids: list[int]) -> Any:
     from vllm.inputs import TokensPrompt
@@ -288,19 +306,29 @@ class AsyncEngine:
         """The engine core died (vLLM's monitor thread sees its process exit at once)."""
         return self._llm.errored
 
-    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0
-                       ) -> AsyncIterator[tuple[list[int], bool]]:
+    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
+                       lora: Any = None) -> AsyncIterator[tuple[list[int], bool]]:
         """(new token ids, finished) as the engine produces them (params from
         `sampling_params(..., stream=True)`; `priority`: vLLM's, lower first, under the
-        priority scheduling policy); EngineDead if the engine core is gone."""
+        priority scheduling policy; `lora`: a `lora_request`); EngineDead if the engine core
+        is gone."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             async for out in self._llm.generate(prompt, params, request_id,
-                                                priority=priority):
+                                                lora_request=lora, priority=priority):
                 yield list(out.outputs[0].token_ids), out.finished
         except EngineDeadError as e:
             raise EngineDead("the engine core died") from e
+
+    async def add_lora(self, lora: Any) -> None:
+        """Load an adapter into the engine now (vLLM would else load it with its first
+        request), so a load error is the caller's, not a generation's."""
+        if not await self._llm.add_lora(lora):
+            raise RuntimeError(f"vLLM did not load the adapter {lora.lora_name}")
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await self._llm.remove_lora(lora_id)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

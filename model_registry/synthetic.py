@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -120,3 +120,24 @@ def save_tiny_t5(path: str | Path, d_model: int = 64, seed: int = 0) -> Path:
     T5EncoderModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_lora_adapter(model_dir: Any, path: str | Path, *, rank: int = 4, alpha: float = 8,
+                      targets: tuple[str, ...] = ("wqkv", "wo", "w1", "w2", "w3"),
+                      seed: int = 0, std: float = 0.05) -> Path:
+    """A random LoRA adapter for a model directory's GPT, saved by `peft` in its own format
+    (what fine-tuning the original gpt.py with peft gives): A and B drawn N(0, std²), so that
+    the adapter changes the tokens without drowning the base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    reference = model_dir.load_reference()
+    peft_model = get_peft_model(reference, LoraConfig(r=rank, lora_alpha=alpha,
+                                                      target_modules=list(targets),
+                                                      init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, std)
+    peft_model.save_pretrained(str(path))
+    return Path(path)

@@ -62,7 +62,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsMRoPE
 from vllm.sequence import IntermediateTensors
 
 from model_registry.configs import GPTConfig, padded_head_size
@@ -79,10 +79,24 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def per_stream(layer: nn.Module, x: torch.Tensor, split: bool) -> torch.Tensor:
+    """A linear layer over both guidance streams' rows, x [2T, D] (t-cond, t-uncond, ...).
+
+    One matmul of 2T rows, except with LoRA on (`split`): vLLM's LoRA layers map adapters to
+    the T scheduled tokens, row for row, so each stream then goes through the layer alone
+    (T rows each) and both see the token's adapter."""
+    if not split:
+        return layer(x)[0]
+    rows = x.view(-1, 2, x.shape[-1])
+    return torch.stack([layer(rows[:, s].contiguous())[0] for s in (0, 1)],
+                       dim=1).flatten(0, 1)
+
+
 class LlamaGenAttention(nn.Module):
     def __init__(self, config: GPTConfig, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+                 quant_config: QuantizationConfig | None, prefix: str, lora: bool = False):
         super().__init__()
+        self.lora = lora
         tp_size = get_tensor_model_parallel_world_size()
         assert config.n_head % tp_size == 0, "n_head must divide by the tensor-parallel size"
         self.num_heads = config.n_head // tp_size
@@ -100,7 +114,7 @@ class LlamaGenAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         """hidden_states [2T, D] (rows: t-cond, t-uncond, ...), freqs_cis [T, hd/2, 2]."""
         T = freqs_cis.shape[0]
-        qkv, _ = self.wqkv(hidden_states)
+        qkv = per_stream(self.wqkv, hidden_states, self.lora)
         # [2T, 3*H*hd] -> three [T, 2H, hd]: per token the cond heads, then the uncond heads.
         q, k, v = (t.reshape(T, 2 * self.num_heads, self.head_dim)
                    for t in qkv.view(T, 2, -1).chunk(3, dim=-1))
@@ -110,15 +124,16 @@ class LlamaGenAttention(nn.Module):
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
         out = out.view(T, 2 * self.num_heads, self.attn_head_dim)[..., : self.head_dim]
-        out, _ = self.wo(out.reshape(2 * T, self.num_heads * self.head_dim))
-        return out
+        return per_stream(self.wo, out.reshape(2 * T, self.num_heads * self.head_dim), self.lora)
 
 
 class LlamaGenFeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 merged into one matmul (`w13`)."""
 
-    def __init__(self, config: GPTConfig, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, config: GPTConfig, quant_config: QuantizationConfig | None, prefix: str,
+                 lora: bool = False):
         super().__init__()
+        self.lora = lora
         self.w13 = MergedColumnParallelLinear(config.dim, [config.ffn_hidden] * 2, bias=False,
                                               quant_config=quant_config, prefix=f"{prefix}.w13")
         self.w2 = RowParallelLinear(config.ffn_hidden, config.dim, bias=False,
@@ -126,18 +141,18 @@ class LlamaGenFeedForward(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.w13(x)
-        x, _ = self.w2(self.act_fn(x))
-        return x
+        x = per_stream(self.w13, x, self.lora)
+        return per_stream(self.w2, self.act_fn(x), self.lora)
 
 
 class LlamaGenBlock(nn.Module):
     def __init__(self, config: GPTConfig, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+                 quant_config: QuantizationConfig | None, prefix: str, lora: bool = False):
         super().__init__()
         self.attention = LlamaGenAttention(config, cache_config, quant_config,
-                                           f"{prefix}.attention")
-        self.feed_forward = LlamaGenFeedForward(config, quant_config, f"{prefix}.feed_forward")
+                                           f"{prefix}.attention", lora)
+        self.feed_forward = LlamaGenFeedForward(config, quant_config, f"{prefix}.feed_forward",
+                                                lora)
         self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
 
@@ -158,7 +173,12 @@ class LlamaGenBlock(nn.Module):
 @support_torch_compile(dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {-1: "b"},
                                          "intermediate_tensors": {0: "b"},
                                          "inputs_embeds": {0: "b"}})
-class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
+class LlamaGenForCausalLM(nn.Module, SupportsMRoPE, SupportsLoRA):
+    # LoRA (PEFT adapters of the original gpt.py): w1 and w3 are one merged layer here;
+    # wqkv is one layer in both (one adapter slice over q, k and v).
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {"wqkv": ["wqkv"],
+                                                              "w13": ["w1", "w3"]}
+    embedding_modules: ClassVar[dict[str, str]] = {}
     # checkpoint name -> (parameter name, shard id), as llama.py's stacked_params_mapping.
     stacked_params_mapping: ClassVar[list[tuple[str, str, int]]] = [
         (".feed_forward.w13", ".feed_forward.w1", 0),
@@ -193,8 +213,9 @@ class LlamaGenForCausalLM(nn.Module, SupportsMRoPE):
             self.cls_embedding.embedding_table = VocabParallelEmbedding(
                 config.num_classes + 1, config.dim,
                 prefix=f"{prefix}cls_embedding.embedding_table")
+        lora = vllm_config.lora_config is not None
         self.layers = nn.ModuleList(
-            LlamaGenBlock(config, cache_config, quant_config, f"{prefix}layers.{i}")
+            LlamaGenBlock(config, cache_config, quant_config, f"{prefix}layers.{i}", lora)
             for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = ParallelLMHead(config.vocab_size, config.dim, quant_config=quant_config,
