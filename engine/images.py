@@ -71,6 +71,7 @@ class ImageWriter:
     credentials: ContentCredentials | None = None  # None: unsigned
     edit: EditSource | None = None  # an edit's images: what they were edited from
     size: int | None = None  # the side delivered, when not the model's own (resampled)
+    adapter: dict[str, Any] | None = None  # the LoRA adapter drawn with (`Adapter.describe`)
 
     def provenance(self, condition: Condition, seed: int | None, prefix: Sequence[int] = ()
                    ) -> dict[str, Any]:
@@ -83,7 +84,8 @@ class ImageWriter:
         return provenance(model=self.model.name, checkpoint_sha256=self.model.gpt_sha256,
                           seed=seed, sampling=self.options.recorded(),
                           software=f"llamagen-serve {software_version()}", edit=edit,
-                          resampled=self._resampled(), **condition.describe(self.model))
+                          resampled=self._resampled(), lora=self.adapter,
+                          **condition.describe(self.model))
 
     def _resampled(self) -> dict[str, Any] | None:
         native = self.model.image_size

@@ -65,3 +65,5 @@ class ThroughputWindow:
             self._done.popleft()
         span = min(self.window_s, max(now - self._started, 1e-9))
         return len(self._done) / span
+ADAPTER_IMAGES = Counter("llamagen_adapter_images", "Images generated with a LoRA adapter",
+                         ["model", "adapter"])

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from engine.adapters import Adapter
 from engine.conditions import Condition, caption_conditions, check_prefix, project_caption
 from engine.sampling import SamplingOptions
 from engine.vllm_api import generate_offline, llm_dtype, sampling_params
@@ -24,12 +25,15 @@ class OfflineGenerator:
                      else project_caption(self.projection, model.null_caption()))
 
     def generate(self, conditions: Sequence[Condition], options: SamplingOptions,
-                 prefixes: Sequence[Sequence[int]] | None = None
+                 prefixes: Sequence[Sequence[int]] | None = None,
+                 adapters: Sequence[Adapter | None] | Adapter | None = None
                  ) -> tuple[list[list[int]], list[int | None]]:
         """Conditions -> (the token grid per image in order, the seed each image used).
 
         `prefixes`: one per condition, the grid's first image codes to complete from (an
-        empty one generates the whole grid); the returned grids include them."""
+        empty one generates the whole grid); the returned grids include them. `adapters`:
+        a LoRA adapter for every image, or one per image (None: the base), on an engine
+        built with enable_lora."""
         prefixes = [check_prefix(self.model, p) for p in prefixes or [[]] * len(conditions)]
         if len(prefixes) != len(conditions):
             raise ValueError(f"{len(prefixes)} prefixes for {len(conditions)} conditions")
@@ -38,8 +42,12 @@ class OfflineGenerator:
                    for c, p in zip(conditions, prefixes, strict=True)]
         params = [sampling_params(self.model, options, seed, prefix_len=len(p))
                   for seed, p in zip(seeds, prefixes, strict=True)]
-        grids = [p + t for p, t in zip(prefixes, generate_offline(self.llm, prompts, params),
-                                       strict=True)]
+        if adapters is None or isinstance(adapters, Adapter):
+            adapters = [adapters] * len(conditions)
+        loras = None if all(a is None for a in adapters) else \
+            [None if a is None else a.request for a in adapters]
+        grids = [p + t for p, t in zip(prefixes, generate_offline(self.llm, prompts, params,
+                                                                  loras), strict=True)]
         for grid in grids:
             if len(grid) != self.model.gpt.block_size:
                 raise RuntimeError(f"engine returned {len(grid)} tokens, expected "

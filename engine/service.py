@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import metrics
+from engine.adapters import Adapter, AdapterRegistry
 from engine.captions import CaptionService
 from engine.conditions import Condition
 from engine.decoding import DecoderService, EncoderService
@@ -120,6 +121,7 @@ class ModelService:
         self.captions: CaptionService | None = None
         # Variations: the null condition in both streams (made once at start).
         self.null_condition: Condition | None = None
+        self.adapters: AdapterRegistry | None = None  # with --enable-lora
         self.in_flight = 0  # images admitted and not finished
         self.last_progress = time.monotonic()
         self.throughput = metrics.ThroughputWindow(self.name)
@@ -138,6 +140,10 @@ class ModelService:
         share = self.settings.model_copy(update={
             "gpu_memory_utilization": self.settings.gpu_memory_utilization / self.models_served})
         self.engine = AsyncEngine(self.model, share)
+        if self.settings.enable_lora:
+            self.adapters = AdapterRegistry(self.model, self.settings.max_loras,
+                                            self.settings.max_lora_rank,
+                                            self.engine.add_lora, self.engine.remove_lora)
         decoder = self.model.vq_decoder(compile=self.settings.decoder_compile)
         previews = preview_dtype(self.settings.decoder_preview_dtype, decoder.dtype)
         preview_decoder = decoder if previews == decoder.dtype else self.model.vq_decoder(
@@ -257,20 +263,22 @@ class ModelService:
                        prefixes: Sequence[Sequence[int]] | None = None,
                        partial_images: int = 0,
                        request_id: str | None = None, deadline: float | None = None,
-                       priority: int = 0) -> AsyncIterator[Preview | Finished]:
+                       priority: int = 0, adapter: Adapter | None = None
+                       ) -> AsyncIterator[Preview | Finished]:
         """One image per condition, run concurrently; yields previews and finished images as
         they come. `prefixes`: per condition, the grid's first image codes to complete (edits;
         checked by the caller with `check_prefix`). Closing the iterator (or cancelling
         its consumer) aborts what is unfinished, and so does passing `deadline`
         (time.monotonic()), with TimeoutError. EngineDead when the engine core is gone.
-        `priority`: vLLM's (lower runs first) under the priority scheduling policy."""
+        `priority`: vLLM's (lower runs first) under the priority scheduling policy;
+        `adapter`: a loaded LoRA adapter every image is drawn with (both guidance streams)."""
         request_id = request_id or uuid.uuid4().hex
         seeds = options.image_seeds(len(conditions))
         prefixes = prefixes or [()] * len(conditions)
         events: asyncio.Queue[Preview | Finished | BaseException] = asyncio.Queue()
         tasks = [asyncio.create_task(self._image(i, condition, list(prefix), seed, options,
                                                  partial_images, f"{request_id}-{i}", events,
-                                                 priority))
+                                                 priority, adapter))
                  for i, (condition, prefix, seed)
                  in enumerate(zip(conditions, prefixes, seeds, strict=True))]
         try:
@@ -290,7 +298,7 @@ class ModelService:
     async def _image(self, index: int, condition: Condition, prefix: list[int],
                      seed: int | None, options: SamplingOptions, partial_images: int,
                      vllm_id: str, events: asyncio.Queue[Preview | Finished | BaseException],
-                     priority: int = 0) -> None:
+                     priority: int = 0, adapter: Adapter | None = None) -> None:
         assert self.decoder is not None and self.engine is not None
         grid = self.model.grid_size
         start = time.monotonic()
@@ -311,8 +319,9 @@ class ModelService:
                 await events.put(Preview(index, k, self._canvas(whole, pending.pop(0))))
 
         try:
+            lora = None if adapter is None else adapter.request
             async for new_tokens, done in self.engine.generate(prompt, params, vllm_id,
-                                                               priority):
+                                                               priority, lora):
                 tokens.extend(new_tokens)
                 finished = done
                 self.last_progress = time.monotonic()
@@ -331,6 +340,8 @@ class ModelService:
             await send_previews(pixels, grid)
             seconds = time.monotonic() - start
             metrics.IMAGES_GENERATED.labels(self.name).inc()
+            if adapter is not None:
+                metrics.ADAPTER_IMAGES.labels(self.name, adapter.name).inc()
             metrics.IMAGE_LATENCY.labels(self.name).observe(seconds)
             self.throughput.add()
             await events.put(Finished(index, condition, seed, tokens, pixels, seconds))

@@ -54,8 +54,9 @@ class EngineSettings(BaseModel):
     max_loras: int = Field(2, ge=1, le=64, description="adapters loaded at once, all of "
                            "them servable in one batch (vLLM's --max-loras: a slot of LoRA "
                            "weights each)")
-    max_lora_rank: int = Field(16, ge=1, le=512, description="the largest adapter rank "
-                               "served (vLLM's --max-lora-rank)")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="the largest adapter rank served (vLLM's --max-lora-rank, one of its "
+        "sizes)")
     quantization: Literal["fp8"] | None = Field(
         None, description="vLLM's weight quantization at load: fp8 (GPUs only; vLLM's CPU "
         "build has no fp8 weight kernels)")

@@ -69,13 +69,22 @@ def classes(labels: list[int]) -> list[Condition]:
     return [Condition(label=label) for label in labels]
 
 
+def reference(model: ModelDir, adapter: Path | None = None) -> torch.nn.Module:
+    """The reference GPT, with a LoRA adapter merged into its weights by peft if given."""
+    from model_registry.lora import merged_reference
+
+    gpt = model.load_reference()
+    return gpt if adapter is None else merged_reference(gpt, adapter)
+
+
 def reference_tokens(model: ModelDir, labels: list[int], options: SamplingOptions,
-                     prefix: list[list[int]] | None = None, negative: list[int] | None = None
-                     ) -> list[list[int]]:
+                     prefix: list[list[int]] | None = None, negative: list[int] | None = None,
+                     adapter: Path | None = None) -> list[list[int]]:
     """c2i: the reference loop's greedy tokens under the options' guidance (with `prefix`,
     one equal-length list per label: its completion, prefix included; `negative`: one class
-    per label in the unconditional half)."""
-    return generate(model.load_reference(), torch.tensor(labels), cfg_scale=options.cfg_scale,
+    per label in the unconditional half; `adapter`: merged into the weights)."""
+    return generate(reference(model, adapter), torch.tensor(labels),
+                    cfg_scale=options.cfg_scale,
                     cfg_interval=options.cfg_interval, greedy=True,
                     prefix=torch.tensor(prefix) if prefix and prefix[0] else None,
                     negative=None if negative is None else torch.tensor(negative)).tolist()
@@ -83,7 +92,8 @@ def reference_tokens(model: ModelDir, labels: list[int], options: SamplingOption
 
 def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: float,
                          cfg_interval: int = -1, prefix: list[list[int]] | None = None,
-                         negative: list[torch.Tensor] | None = None) -> list[list[int]]:
+                         negative: list[torch.Tensor] | None = None,
+                         adapter: Path | None = None) -> list[list[int]]:
     """t2i: the reference's greedy tokens for captions' valid feature rows (left-padded and
     masked, as the original); `prefix` as in `reference_tokens`; `negative`: per caption, a
     negative caption's valid rows in the unconditional half (both halves masked by the union
@@ -93,7 +103,7 @@ def reference_t2i_tokens(model: ModelDir, valid: list[torch.Tensor], cfg_scale: 
     if negative is not None:
         negatives, negative_masks = left_pad(negative)
         masks = masks | negative_masks
-    return generate(model.load_reference(), features, emb_masks=masks, cfg_scale=cfg_scale,
+    return generate(reference(model, adapter), features, emb_masks=masks, cfg_scale=cfg_scale,
                     cfg_interval=cfg_interval, greedy=True,
                     prefix=torch.tensor(prefix) if prefix and prefix[0] else None,
                     negative=negatives).tolist()

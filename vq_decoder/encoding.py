@@ -67,12 +67,14 @@ def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
                class_name: str | None = None, prompt: str | None = None,
                unconditional: bool = False, edit: dict[str, Any] | None = None,
                resampled: dict[str, Any] | None = None,
-               negative: dict[str, Any] | None = None) -> dict[str, Any]:
+               negative: dict[str, Any] | None = None,
+               lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record every image carries; `edit` (for a completion of an input image: rows
     kept, the input's sha256) makes its digital source type a composite; `unconditional`:
     drawn under the null condition (a variation); `resampled`: the size drawn, the size
     delivered and the filter between them; `negative`: what guidance steered away from (a
-    class's label and name, or a caption)."""
+    class's label and name, or a caption); `lora`: the LoRA adapter the model ran with (its
+    name and the sha256 of its weights)."""
     record: dict[str, Any] = {
         "model": model, "checkpoint_sha256": checkpoint_sha256, "seed": seed,
         "sampling": sampling, "software": software,
@@ -91,6 +93,8 @@ def provenance(*, model: str, checkpoint_sha256: str, seed: int | None,
         record["unconditional"] = True
     if negative is not None:
         record["negative"] = negative
+    if lora is not None:
+        record["lora"] = lora
     if resampled is not None:
         record["resampled"] = resampled
     return record
