@@ -22,13 +22,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from engine.adapters import offline_adapter
 from engine.conditions import Condition
 from engine.offline import OfflineGenerator
 from engine.sampling import SamplingOptions
 from engine.settings import EngineSettings
 from engine.vllm_api import build_llm
 from model_registry.demo.classifier import load_classifier
-from model_registry.demo.shapes import make_dataset, to_tensor_range
+from model_registry.demo.shapes import (
+    STYLES,
+    background_brightness,
+    make_dataset,
+    to_tensor_range,
+)
 from model_registry.demo.train import psnr
 from model_registry.model_dir import ModelDir, load_model_dir
 
@@ -88,19 +94,22 @@ def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
                   cfg_scale: float | None = None, grid_out: Path | None = None,
                   llm: object | None = None, settings: EngineSettings | None = None,
                   noise_floor: bool = True,
-                  negatives: list[tuple[str, str]] | None = None) -> dict:
+                  negatives: list[tuple[str, str]] | None = None,
+                  adapter: Path | None = None) -> dict:
     """Accuracy and the Fréchet distance to real images, with guidance (cfg_scale, default:
     the model's) and without (cfg 1.0), at the model's default sampling otherwise.
     `settings`: the engine's (default fp32, eager); `noise_floor`: also the distance
     between two real sets, and between this guided run and one with other seeds;
     `negatives`: (class, negative class) pairs, each drawn `per_class` x 10 times with and
-    without the negative (`negative_effect`)."""
+    without the negative (`negative_effect`); `adapter`: a LoRA adapter's accuracy and style
+    (`adapter_effect`)."""
     model = load_model_dir(model_dir)
     guided = SamplingOptions.resolve(model.gpt.model_type, cfg_scale=cfg_scale, seed=seed)
     classifier = load_classifier(model.path)
     labels = [c for c in range(model.gpt.num_classes) for _ in range(per_class)]
     settings = (settings or EngineSettings(dtype="float32")).model_copy(
-        update={"max_num_seqs": min(256, len(labels))})
+        update={"max_num_seqs": min(256, len(labels)),
+                **({"enable_lora": True} if adapter is not None else {})})
     if llm is None:
         llm = build_llm(model, settings)
     engine = OfflineGenerator(model, llm)
@@ -136,11 +145,41 @@ def evaluate_demo(model_dir: Path, *, per_class: int = 20, seed: int = 0,
             "real_vs_real": round(frechet_distance(other_real, real), 3),
             "cfg_seed_vs_seed": round(frechet_distance(other_run, guided_features), 3),
             "cfg_other_seed_vs_real": round(frechet_distance(other_run, real), 3)}
+    if adapter is not None:
+        report["lora"] = adapter_effect(engine, classifier, guided, labels, adapter,
+                                        settings.max_lora_rank)
     if negatives:
         report["negative"] = [negative_effect(engine, classifier, guided, name, negative,
                                               per_class * 10) for name, negative in negatives]
     report["tokenizer_psnr_db"] = round(tokenizer_psnr(model), 2)
     return report
+
+
+def adapter_effect(engine: OfflineGenerator, classifier: object, options: SamplingOptions,
+                   labels: list[int], path: Path, max_rank: int) -> dict:
+    """A LoRA adapter on the demo model: the classifier's accuracy with and without guidance,
+    and the style measure (`shapes.background_brightness`, the frame's mean value) of the
+    images drawn with and without the adapter (the same seeds), beside real images of the
+    day and the night style."""
+    model = engine.model
+    adapter = offline_adapter(model, path, max_rank)
+    conditions = [Condition(label=label) for label in labels]
+    result: dict = {"adapter": str(path), "sha256": adapter.info.sha256,
+                    "images_per_setting": len(labels)}
+    for key, opts in (("cfg", options), ("no_cfg", options.model_copy(update={"cfg_scale": 1.0}))):
+        tokens, _ = engine.generate(conditions, opts, adapters=adapter)
+        pixels = decode_all(model, tokens)
+        predicted = classifier.predict(pixels)  # type: ignore[attr-defined]
+        result[f"accuracy_{key}"] = round(float((predicted == np.array(labels)).mean()), 4)
+        if key == "cfg":
+            result["brightness_adapter"] = round(float(background_brightness(pixels).mean()), 1)
+    base, _ = engine.generate(conditions, options)
+    result["brightness_base"] = round(float(background_brightness(
+        decode_all(model, base)).mean()), 1)
+    for style in STYLES:
+        real = make_dataset(len(labels), seed=REAL_SEED, style=style)[0]
+        result[f"brightness_real_{style}"] = round(float(background_brightness(real).mean()), 1)
+    return result
 
 
 def negative_effect(engine: OfflineGenerator, classifier: object, options: SamplingOptions,

@@ -65,7 +65,9 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
                                default=None,
                                help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
-            group.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None,
+            values = typing.get_args(kind)
+            group.add_argument(flag, dest=name, choices=values, default=None,
+                               type=type(values[0]),
                                help=help_text)
         elif typing.get_origin(kind) is list:
             group.add_argument(flag, dest=name, nargs="+", type=typing.get_args(kind)[0],
@@ -191,6 +193,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.out_dir and model.vq is None:
         raise UsageError(f"{model.path} has no VQ decoder: use --tokens-out only")
     prefixes = read_prefixes(model, args.prefix_tokens, len(args.prompts or args.labels))
+    adapter = None
+    if args.lora:
+        from engine.adapters import offline_adapter
+        from model_registry.lora import AdapterError
+
+        try:
+            adapter = offline_adapter(model, args.lora, settings.max_lora_rank)
+        except AdapterError as e:
+            raise UsageError(f"--lora: {e}") from None
+        settings = settings.model_copy(update={"enable_lora": True})
     generator = OfflineGenerator(model, build_llm(model, settings))
     conditions = (generator.captions(args.prompts) if model.is_t2i
                   else [Condition(label=label) for label in labels])
@@ -198,14 +210,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         negative = (generator.captions(negatives) if negative_labels is None
                     else [Condition(label=label) for label in negative_labels])
         conditions = [c.with_negative(n) for c, n in zip(conditions, negative, strict=True)]
-    tokens, seeds = generator.generate(conditions, options, prefixes)
+    tokens, seeds = generator.generate(conditions, options, prefixes, adapter)
     if args.tokens_out:
         Path(args.tokens_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.tokens_out).write_text(json.dumps(tokens))
     images = []
     if args.out_dir:
         writer = ImageWriter(model, options, args.format, args.compression,
-                             ContentCredentials.from_settings(signing))
+                             ContentCredentials.from_settings(signing),
+                             adapter=None if adapter is None else adapter.describe())
         images = writer.save(tokens, conditions, seeds, Path(args.out_dir), prefixes=prefixes)
     described = ({"prompts": [c.caption for c in conditions]} if model.is_t2i
                  else {"labels": labels})
@@ -278,6 +291,14 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
         train_demo(out, Path(args.work or work), settings)
 
 
+def cmd_train_lora(args: argparse.Namespace) -> None:
+    from model_registry.demo.train_lora import DEMO_ADAPTER, LoRASettings, train_lora
+
+    settings = LoRASettings.smoke() if args.smoke else LoRASettings(seed=args.seed)
+    train_lora(Path(args.out) if args.out else DEMO_ADAPTER, settings,
+               resolve_model_path(args.model))
+
+
 def cmd_eval_demo(args: argparse.Namespace) -> None:
     from bench.demo_eval import evaluate_demo
     from engine.settings import EngineSettings
@@ -293,7 +314,8 @@ def cmd_eval_demo(args: argparse.Namespace) -> None:
     report = evaluate_demo(resolve_model_path(args.model), per_class=args.per_class,
                            seed=args.seed, cfg_scale=args.cfg_scale, settings=settings,
                            grid_out=Path(args.grid_out) if args.grid_out else None,
-                           negatives=negatives)
+                           negatives=negatives,
+                           adapter=Path(args.lora) if args.lora else None)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
@@ -321,9 +343,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings.model = [resolve_model_path(None)]
     models = [load_model_dir(path) for path in settings.model]  # fail before any engine starts
     try:
-        settings.served_names([m.name for m in models])
+        adapters = settings.adapters(settings.served_names([m.name for m in models]))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    check_adapters(models, adapters, settings.max_lora_rank)  # likewise
     configure_logging(settings.log_level)
     credentials = ContentCredentials.from_settings(settings)  # bad keys: fail before it too
     check_image_store(settings)  # a missing bucket or bad credentials: likewise
@@ -331,6 +354,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(app, settings)
     if app.state.llamagen.engine_dead:
         raise EngineDied(app.state.llamagen.engine_dead)
+
+
+def check_adapters(models: list[Any], adapters: dict[str, list[tuple[str, Path]]],
+                   max_rank: int) -> None:
+    """Every --lora-modules adapter is a PEFT LoRA of its base, checked before any engine."""
+    from model_registry.lora import AdapterError, check_adapter
+
+    for model in models:
+        for name, path in adapters[model.name]:
+            try:
+                check_adapter(path, model.gpt, max_rank)
+            except AdapterError as e:
+                raise UsageError(f"--lora-modules {name}: {e}") from None
 
 
 def check_image_store(settings: Any) -> None:
@@ -376,6 +412,14 @@ def cmd_bench_offline(args: argparse.Namespace) -> None:
                           json_out=Path(json_out), markdown_out=Path(args.markdown_out),
                           task=args.task, kv_cache_dtypes=tuple(args.kv_cache_dtype),
                           modes=tuple(args.modes), image_size=args.image_size)
+
+
+def cmd_bench_lora(args: argparse.Namespace) -> None:
+    from bench.lora import run_lora_benchmark
+
+    json_out = args.json_out or f"docs/bench_lora_{args.model.lower().replace('-', '')}.json"
+    run_lora_benchmark(args.model, args.batch, args.dtype, args.rank, args.rounds,
+                       Path(json_out), Path(args.markdown_out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "place of the null condition in the unguided stream (needs --cfg-scale > 1)")
     p.add_argument("--negative-prompts", nargs="+", metavar="TEXT",
                    help="one negative per label or prompt, as --negative-prompt")
+    p.add_argument("--lora", metavar="DIR", help="draw with a LoRA adapter: a PEFT adapter "
+                   "directory for this model (rank up to --max-lora-rank)")
     p.add_argument("--prefix-tokens", metavar="FILE", help="complete given grids: a JSON list "
                    "of token lists (one per label or prompt), each the first image codes in "
                    "raster order; the output grids include them")
@@ -457,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a few steps of everything (< 1 min)")
     p.set_defaults(func=cmd_train_demo)
 
+    p = sub.add_parser("train-lora", help="train the demo model's LoRA adapter (dusk "
+                       "backgrounds; a few minutes on 2 cores)")
+    p.add_argument("--model", help="the base model directory (default: the embedded demo)")
+    p.add_argument("--out", help="adapter directory to write (default: the shipped one, "
+                   "model_registry/demo/adapters/dusk)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps (seconds)")
+    p.set_defaults(func=cmd_train_lora)
+
     p = sub.add_parser("eval-demo", help="classify images generated by the demo model")
     p.add_argument("--model", help="model directory (default: the embedded demo)")
     p.add_argument("--per-class", type=int, default=20)
@@ -470,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=typing.get_args(KVCacheDType))
     p.add_argument("--compiled", action="store_true", help="vLLM's compiled model "
                    "(--no-enforce-eager)")
+    p.add_argument("--lora", metavar="DIR", help="also measure a LoRA adapter: accuracy "
+                   "with it, and its style (background brightness) against the base's")
     p.add_argument("--negative", action="append", metavar="CLASS=NEGATIVE",
                    help="also draw 10 x --per-class images of CLASS with and without NEGATIVE "
                    "in the unguided stream and report how they are classified (repeatable)")
@@ -477,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("lora", help="images/s with 0, 1 and 2 LoRA adapters in a batch, "
+                         "against the engine with LoRA off")
+    b.add_argument("--model", default="demo", help="demo (the embedded model and its dusk "
+                   "adapter) or a zoo size with random weights (GPT-B, ...)")
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
+    b.add_argument("--rounds", type=int, default=3, help="timed runs per case (best kept)")
+    b.add_argument("--json-out", help="default: docs/bench_lora_<model>.json")
+    b.add_argument("--markdown-out", default="docs/BENCHMARKS.md")
+    b.set_defaults(func=cmd_bench_lora)
+
     b = bench.add_parser("offline", help="vLLM engine vs the reference loop, images/s")
     b.add_argument("--sizes", nargs="+", default=["tiny", "GPT-B"])
     b.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])

@@ -29,7 +29,7 @@ from server.deps import AppState, dead_engine
 from server.errors import ServiceError, add_error_handlers
 from server.fetch import FetchPolicy
 from server.image_store import open_image_store
-from server.routers import native, openai_images, ops, playground
+from server.routers import lora, native, openai_images, ops, playground
 from server.routers.openai_images import EDITS_PATH, VARIATIONS_PATH
 from server.settings import ServerSettings
 from server.tenants import KeyRing
@@ -199,6 +199,7 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
                 raise ValueError("two models have the same directory name: give each its "
                                  "own directory name")
             names = settings.served_names([m.name for m in models])
+            adapters = settings.adapters(names)
             for model in models:
                 served = names[model.name]
                 service = ModelService(model, settings, models_served=len(models),
@@ -207,6 +208,9 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
                 state.names.update(dict.fromkeys(served, service))
                 await service.start()
                 log.info(f"serving {model.path} as {', '.join(served)}")
+                for name, path in adapters[model.name]:
+                    assert service.adapters is not None  # --lora-modules turn LoRA on
+                    await service.adapters.load(name, path)
             state.ready = True
             watchdog = asyncio.create_task(watch_engines(state), name="engine-watchdog")
             reloader = asyncio.create_task(watch_keys(state), name="keys-reloader")
@@ -229,6 +233,11 @@ def create_app(settings: ServerSettings, credentials: ContentCredentials | None 
     add_error_handlers(app)
     app.include_router(openai_images.router)
     app.include_router(native.router)
+    if settings.allow_runtime_lora_updating:
+        if not keys.required:
+            log.warning("--allow-runtime-lora-updating without an API key: anyone who reaches "
+                        "the server may load adapters from its disk")
+        app.include_router(lora.router)
     app.include_router(ops.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")

@@ -10,6 +10,7 @@ from typing import TypeVar
 from fastapi import Depends, Request
 from starlette.datastructures import FormData
 
+from engine.adapters import Adapter
 from engine.credentials import ContentCredentials
 from engine.service import ModelService
 from server.errors import ServiceError
@@ -78,14 +79,33 @@ def dead_engine(state: AppState) -> str | None:
 
 
 def resolve_service(state: AppState, model: str | None) -> ModelService:
+    return resolve_target(state, model)[0]
+
+
+def resolve_target(state: AppState, model: str | None) -> tuple[ModelService, Adapter | None]:
+    """The served model a request names (any of its names), or one of its LoRA adapters,
+    by name; None: the first model. A 404 lists what is served."""
     if model is None:
-        return next(iter(state.services.values()))
+        return next(iter(state.services.values())), None
     service = state.names.get(model)
-    if service is None:
-        raise ServiceError(404, f"model {model!r} not found; available: "
-                           f"{', '.join(state.names)}", param="model",
-                           code="model_not_found")
-    return service
+    if service is not None:
+        return service, None
+    for service in state.services.values():
+        adapter = None if service.adapters is None else service.adapters.get(model)
+        if adapter is not None:
+            return service, adapter
+    adapters = [a.name for s in state.services.values() if s.adapters for a in s.adapters.list()]
+    raise ServiceError(404, f"model {model!r} not found; available: "
+                       f"{', '.join([*state.names, *adapters])}", param="model",
+                       code="model_not_found")
+
+
+def require_admin(request: Request, state: AppState = Depends(get_state)) -> None:
+    """Runtime adapter updates: only an admin key (or anyone when no key is required)."""
+    tenant = require_api_key(request, state)
+    if tenant is not None and not tenant.spec.admin:
+        raise ServiceError(403, f"API key {tenant.name!r} may not load or unload adapters "
+                           "(an admin key may)", code="permission_denied")
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -77,7 +77,8 @@ ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON, a wrong type or value, an unknown class, too many "
          "images (`param` names the field)",
     401: "Missing or invalid API key (`Authorization: Bearer KEY`)",
-    404: "Unknown model or image",
+    403: "The API key may not do this (runtime adapter updates need an admin key)",
+    404: "Unknown model, adapter or image",
     405: "Method not allowed (`Allow` lists the allowed ones)",
     408: "Request body not received within --body-timeout-s",
     413: "Request body larger than --max-body-bytes",

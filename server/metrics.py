@@ -25,3 +25,5 @@ KEY_IMAGE_TOKENS = Counter("llamagen_key_image_tokens", "Image tokens generated 
                            ["key"])
 KEY_REJECTIONS = Counter("llamagen_key_rejections", "Requests refused by an API key's limits "
                          "(429)", ["key", "limit"])
+ADAPTER_REQUESTS = Counter("llamagen_adapter_requests", "Generation requests with a LoRA "
+                           "adapter, by outcome", ["model", "adapter", "endpoint", "outcome"])

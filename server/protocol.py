@@ -256,6 +256,31 @@ class ModelCard(BaseModel):
                            "0..grid_size-1 of them")
     num_classes: int = Field(description="0 for t2i models")
     max_model_len: int
+    root: str | Absent = None
+    parent: str | Absent = Field(None, description="a LoRA adapter's: the served model it "
+                                 "adapts (vLLM's field)")
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter, vLLM's shape."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/-]+$")
+    lora_path: str = Field(min_length=1, max_length=4096, description="a PEFT adapter "
+                           "directory on the server")
+    base_model_name: str | None = Field(None, description="which served model it adapts "
+                                        "(default: the first)")
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter, vLLM's shape."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = Field(None, description="accepted for vLLM compatibility; the "
+                                    "name decides")
 
 
 class ModelList(BaseModel):

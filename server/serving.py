@@ -30,7 +30,7 @@ from engine.sampling import SamplingOptions, SamplingOverrides
 from engine.service import Finished, Preview, QueueFull, Reservation
 from engine.vllm_api import EngineDead
 from server import metrics
-from server.deps import AppState, resolve_service, until_disconnected
+from server.deps import AppState, resolve_target, until_disconnected
 from server.errors import ServiceError, validation_error
 from server.fetch import FetchRefused, ImageSource, ImageTooLarge
 from server.image_store import StoreUnavailable
@@ -69,7 +69,8 @@ class ServingRequest:
 
     def __init__(self, state: AppState, request: Request, model: str | None):
         self.state, self.request = state, request
-        self.service = resolve_service(state, model)
+        # A served model, or one of its LoRA adapters by name.
+        self.service, self.adapter = resolve_target(state, model)
         self.model = self.service.model
         self.request_id: str = request.state.request_id
         self.started, self.created = time.monotonic(), int(time.time())
@@ -79,6 +80,7 @@ class ServingRequest:
         self.tenant: Tenant | None = getattr(request.state, "tenant", None)
         self.key_name = ANONYMOUS if self.tenant is None else self.tenant.name
         self._tenant_release: Callable[[], None] | None = None
+        self._adapter_release: Callable[[], None] | None = None
         self.priority = 0
         self.images_done = self.tokens_done = 0
         self.count_param = "n"  # what the request's image count is called (check_count)
@@ -129,7 +131,9 @@ class ServingRequest:
         except ValidationError as e:
             raise validation_error(e) from None
         self.writer = ImageWriter(self.model, self.options, fmt, compression,
-                                  self.state.credentials, edit=edit, size=size)
+                                  self.state.credentials, edit=edit, size=size,
+                                  adapter=None if self.adapter is None
+                                  else self.adapter.describe())
 
     async def admit(self, texts: list[int | str], images: int, param: str, *,
                     indexed: bool = True, negatives: list[int | str] | None = None,
@@ -195,12 +199,18 @@ class ServingRequest:
             self.release()
             metrics.KEY_REQUESTS.labels(self.key_name, self.endpoint, "rejected").inc()
             raise ServiceError.queue_full(e) from None
+        if self.adapter is not None:
+            assert self.service.adapters is not None
+            # Held until the request ends: an unload meanwhile waits for its images.
+            self._adapter_release = self.service.adapters.acquire(self.adapter)
 
     def release(self) -> None:
         if self.reservation is not None:
             self.reservation.release()
         if self._tenant_release is not None:
             self._tenant_release()
+        if self._adapter_release is not None:
+            self._adapter_release()
 
     def _classes(self, labels: list[int | str], param: str, indexed: bool) -> list[Condition]:
         conditions = []
@@ -224,7 +234,7 @@ class ServingRequest:
                                        partial_images=partial_images,
                                        request_id=self.request_id,
                                        deadline=self.started + timeout,
-                                       priority=self.priority)
+                                       priority=self.priority, adapter=self.adapter)
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -321,6 +331,9 @@ class ServingRequest:
         self.release()
         metrics.REQUESTS.labels(self.service.name, self.endpoint, outcome).inc()
         metrics.KEY_REQUESTS.labels(self.key_name, self.endpoint, outcome).inc()
+        if self.adapter is not None:
+            metrics.ADAPTER_REQUESTS.labels(self.service.name, self.adapter.name, self.endpoint,
+                                            outcome).inc()
         metrics.KEY_IMAGES.labels(self.key_name).inc(self.images_done)
         metrics.KEY_IMAGE_TOKENS.labels(self.key_name).inc(self.tokens_done)
         self.request.state.usage = {"images": self.images_done,
@@ -677,7 +690,8 @@ class ServingNative(ServingRequest):
             return self.stream(self._events(body, conditions, prefixes))
         images = await self.collect(self._images(body, conditions, prefixes))
         return NativeGenerateResponse(id=self.request_id, created=self.created,
-                                      model=self.service.name, size=self.service.size,
+                                      model=self.service.name if self.adapter is None
+                                      else self.adapter.name, size=self.service.size,
                                       output_format=body.output_format, images=images)
 
     def _prefixes(self, body: NativeGenerateRequest, param: str) -> list[list[int]]:

@@ -9,6 +9,7 @@ several values (`--model a b`) or JSON in the variable (`LLAMAGEN_MODEL='["a","b
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +41,14 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
         "(README, 'Tenants'); read again on SIGHUP and when it changes")
     api_keys_reload_s: float = Field(2.0, gt=0, description="how often the keys file is "
                                      "checked for changes")
+    lora_modules: list[str] = Field(
+        default_factory=list, description="LoRA adapters to serve (vLLM's flag): NAME=PATH "
+        "(PATH a PEFT adapter directory) or JSON {\"name\", \"path\", \"base_model_name\"}; "
+        "with several models, base_model_name (a served name) says whose adapter it is; "
+        "turns on --enable-lora")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="offer POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(vLLM's routes; only to admin API keys: --api-key, or `admin` in the keys file)")
     max_images_per_request: int = Field(10, ge=1, le=100, description="cap on n / labels")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     max_upload_bytes: int = Field(16 << 20, ge=1024, description="largest image or mask file "
@@ -120,6 +129,52 @@ class ServerSettings(ServiceSettings, SigningSettings, BaseSettings):
                     raise ValueError(f"--served-model-name: {name!r} names two models, "
                                      f"{seen[name]} and {model}")
         return chosen
+
+    def adapters(self, names: dict[str, list[str]]) -> dict[str, list[tuple[str, Path]]]:
+        """--lora-modules per model directory name (`names`: each model's served names).
+        ValueError naming a bad entry, an unknown base, or a name used twice."""
+        by_name = {n: model for model, served in names.items() for n in served}
+        out: dict[str, list[tuple[str, Path]]] = {model: [] for model in names}
+        seen: set[str] = set(by_name)
+        for entry in self.lora_modules:
+            base = None
+            if entry.lstrip().startswith("{"):
+                try:
+                    spec = json.loads(entry)
+                    name, path = spec["name"], spec["path"]
+                    base = spec.get("base_model_name")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"--lora-modules {entry[:80]!r}: JSON needs \"name\" and "
+                                     "\"path\"") from None
+            else:
+                name, sep, path = entry.partition("=")
+                if not sep:
+                    raise ValueError(f"--lora-modules {entry[:80]!r}: write NAME=PATH")
+            if not isinstance(name, str) or not name.strip() or not isinstance(path, str):
+                raise ValueError(f"--lora-modules {entry[:80]!r}: the name is empty")
+            if name in seen:
+                raise ValueError(f"--lora-modules: {name!r} is already a model's or an "
+                                 "adapter's name")
+            seen.add(name)
+            if base is None:
+                if len(names) > 1:
+                    raise ValueError(f"--lora-modules {name!r}: with several models, give "
+                                     "JSON with base_model_name (one of "
+                                     f"{', '.join(by_name)})")
+                model = next(iter(names))
+            elif base in by_name:
+                model = by_name[base]
+            else:
+                raise ValueError(f"--lora-modules {name!r}: base_model_name {base!r} is not "
+                                 f"served (served: {', '.join(by_name)})")
+            out[model].append((name, Path(path)))
+        return out
+
+    @model_validator(mode="after")
+    def _lora_modules_enable_lora(self) -> ServerSettings:
+        if self.lora_modules:
+            self.enable_lora = True
+        return self
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> ServerSettings:

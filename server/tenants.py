@@ -9,10 +9,12 @@ skipped):
 
 `key` or `sha256` (the hex digest of the key, so the file need not hold the secret). Priority
 has vLLM's meaning, lower runs first; `max_priority` is the most urgent (lowest) value the key
-may ask for (default: its `default_priority`). Limits are optional: images per minute (a token
-bucket of that many images, refilled continuously) and images in flight. `--api-key` stays as
-the short form of one key, named `default`, without limits. Keys are held as sha256 digests,
-compared in constant time and never logged; metrics and logs name the key's `name`.
+may ask for (default: its `default_priority`); `admin: true` lets it load and unload LoRA
+adapters at run time (with --allow-runtime-lora-updating). Limits are optional: images per
+minute (a token bucket of that many images, refilled continuously) and images in flight.
+`--api-key` stays as the short form of one key, named `default`, without limits, an admin.
+Keys are held as sha256 digests, compared in constant time and never logged; metrics and logs
+name the key's `name`.
 
 The file is read again on SIGHUP and whenever it changes; a file that no longer parses keeps
 the keys in force (and says why in the log). Counters of a key survive a reload by name.
@@ -57,6 +59,7 @@ class KeySpec(BaseModel):
     max_priority: int | None = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     images_per_minute: int | None = Field(None, ge=1)
     max_images_in_flight: int | None = Field(None, ge=1)
+    admin: bool = False  # may load and unload LoRA adapters at run time
 
     @model_validator(mode="after")
     def _one_key(self) -> KeySpec:
@@ -183,9 +186,10 @@ class KeyRing:
         """priorities: whether requests may run at a priority other than 0 (the engine's
         scheduling policy is `priority`); a keys file giving one otherwise is refused."""
         self.path, self.priorities = path, priorities
-        # The operator's own key: any priority, no limits.
+        # The operator's own key: any priority, no limits, an admin.
         self._single = (None if single_key is None else
-                        KeySpec(name="default", key=single_key, max_priority=PRIORITY_MIN))
+                        KeySpec(name="default", key=single_key, max_priority=PRIORITY_MIN,
+                                admin=True))
         self._tenants: dict[str, Tenant] = {}
         self._mtime: float | None = None
         self.reload(strict=True)

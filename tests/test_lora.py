@@ -166,3 +166,27 @@ def test_bad_adapters_are_refused_saying_why(tiny_model, adapters, tmp_path):
     broken = _copy(good, tmp_path, "broken")
     (broken / ADAPTER_WEIGHTS).write_bytes(b"not safetensors")
     refused(broken, "not a readable safetensors file")
+
+
+def test_lora_modules_name_their_base():
+    """--lora-modules: NAME=PATH with one model; with several, JSON naming the base by any
+    of its served names; bad entries say why."""
+    from server.settings import ServerSettings
+
+    one = {"demo": ["demo", "dall-e-2"]}
+    settings = ServerSettings(lora_modules=["night=/a/night"])
+    assert settings.enable_lora
+    assert {m: [(n, str(p)) for n, p in v] for m, v in settings.adapters(one).items()} == {
+        "demo": [("night", "/a/night")]}
+    two = {"demo": ["demo"], "cats": ["cats", "gpt-image-1"]}
+    entry = json.dumps({"name": "tabby", "path": "/a/t", "base_model_name": "gpt-image-1"})
+    assert ServerSettings(lora_modules=[entry]).adapters(two)["cats"][0][0] == "tabby"
+    for models, modules, pattern in [
+            (two, ["night=/a"], "with several models"),
+            (one, ["night"], "NAME=PATH"),
+            (two, [json.dumps({"name": "x", "path": "/a", "base_model_name": "z"})],
+             "'z' is not served"),
+            (one, ["dall-e-2=/a"], "already a model's"),
+            (one, ['{"name": "x"}'], "needs \"name\" and \"path\"")]:
+        with pytest.raises(ValueError, match=pattern):
+            ServerSettings(lora_modules=modules).adapters(models)

@@ -15,8 +15,11 @@ from .helpers import API_KEY, ARTIFACTS, CHROMIUM, FLAGS, ServerProcess, ensure_
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ensure_browser()
+    from model_registry.demo.train_lora import DEMO_ADAPTER
+
     with ServerProcess([DEMO_MODEL], tmp_path_factory.mktemp("playground"),
-                       "--max-num-seqs", "8") as proc:
+                       "--max-num-seqs", "8", "--lora-modules",
+                       f"dusk={DEMO_ADAPTER}") as proc:
         yield proc
 
 
@@ -130,6 +133,28 @@ def test_page_draws_with_a_negative_class(page):
     assert meta["class_name"] == "red circle"
     assert meta["negative"] == {"label": 1, "class_name": "blue square"}
     page.get_by_label("Negative class", exact=True).fill("")
+
+
+def test_page_draws_with_the_demo_adapter(page):
+    """The adapter picker lists the model's LoRA adapters; a drawing with one names it, and
+    its provenance records it."""
+    import base64
+
+    from playwright.sync_api import expect
+
+    from vq_decoder.encoding import read_metadata
+
+    expect(page.locator("#adapter option")).to_have_count(2)
+    page.get_by_label("Adapter", exact=True).select_option("dusk")
+    page.get_by_label("Class", exact=True).fill("yellow star")
+    page.get_by_label("Images", exact=True).fill("1")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("figure.tile.done")).to_have_count(1, timeout=60_000)
+    expect(page.locator("figure.tile.done figcaption")).to_contain_text("yellow star (dusk)")
+    href = page.locator("figure.tile.done a").first.get_attribute("href")
+    meta = read_metadata(base64.b64decode(href.split(",", 1)[1]))
+    assert meta["lora"]["name"] == "dusk" and len(meta["lora"]["sha256"]) == 64
+    page.get_by_label("Adapter", exact=True).select_option("")
 
 
 def test_live_panel_shows_server_load(page):

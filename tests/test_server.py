@@ -70,8 +70,23 @@ def keys_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(served_model, keys_file, tmp_path_factory):
+def served_adapters(served_model, tmp_path_factory):
+    """PEFT adapters of the served model: one served from the start, one loaded at run
+    time, one of too high a rank."""
+    from model_registry.synthetic import save_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {"style-a": save_lora_adapter(served_model, root / "style-a", rank=4, seed=1),
+            "style-b": save_lora_adapter(served_model, root / "style-b", rank=8, seed=2,
+                                         targets=("wqkv", "w2")),
+            "too-big": save_lora_adapter(served_model, root / "too-big", rank=16, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def server(served_model, keys_file, served_adapters, tmp_path_factory):
     with ServerProcess([served_model.path], tmp_path_factory.mktemp("server"),
+                       "--lora-modules", f"style-a={served_adapters['style-a']}",
+                       "--allow-runtime-lora-updating", "--max-lora-rank", "8",
                        "--scheduling-policy", "priority", "--api-keys-file", str(keys_file),
                        "--api-keys-reload-s", "600",  # the reload test sends SIGHUP
                        "--max-num-seqs", "8", "--max-queued-images", "12",
@@ -1151,6 +1166,83 @@ def test_keys_file_is_reloaded_on_sighup(server, keys_file):
         time.sleep(0.2)
     assert httpx.get(url, headers=late).status_code == 200
     assert httpx.get(url, headers=AUTH).status_code == 200
+
+
+def test_lora_adapters_are_listed_served_and_recorded(client, server, served_model,
+                                                     served_adapters):
+    """An adapter from --lora-modules: in /v1/models with its parent, picked by `model` in
+    the OpenAI and native routes, token-exact against peft's merged reference, recorded in
+    the provenance (name and the sha256 of its weights), counted per adapter."""
+    from engine.sampling import SamplingOptions
+    from model_registry.lora import ADAPTER_WEIGHTS, file_sha256
+
+    from .helpers import reference_tokens
+
+    cards = {card.id: card for card in client.models.list().data}
+    assert cards["style-a"].model_extra["parent"] == "shapes"
+    assert "parent" not in cards["shapes"].model_extra
+    before = server.metrics()
+    response = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120, json={
+        "model": "style-a", "labels": [3, 7], "greedy": True, "cfg_scale": 4.0,
+        "return_tokens": True})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "style-a"
+    options = SamplingOptions(cfg_scale=4.0, greedy=True)
+    path = served_adapters["style-a"]
+    for image, label in zip(response.json()["images"], [3, 7], strict=True):
+        assert image["tokens"] == reference_tokens(served_model, [label], options,
+                                                   adapter=path)[0]
+        assert image["tokens"] != reference_tokens(served_model, [label], options)[0]
+    result = client.images.generate(model="style-a", prompt="yellow star", n=1)
+    meta = read_metadata(decode_b64(result.data[0].b64_json)[1])
+    assert meta["lora"]["name"] == "style-a"
+    assert meta["lora"]["sha256"] == file_sha256(path / ADAPTER_WEIGHTS)
+    after = server.metrics()
+    assert metric(after, "llamagen_adapter_images_total", adapter="style-a") - metric(
+        before, "llamagen_adapter_images_total", adapter="style-a") == 3
+    assert metric(after, "llamagen_adapter_requests_total", adapter="style-a",
+                  outcome="ok") - metric(before, "llamagen_adapter_requests_total",
+                                         adapter="style-a", outcome="ok") == 2
+    assert any(name.startswith("vllm:lora_requests_info") for name in after)
+    error = error_of(httpx.post(f"{server.url}/v1/generate", headers=AUTH,
+                                json={"model": "style-z", "labels": [1]}), 404)
+    assert error["code"] == "model_not_found" and "style-a" in error["message"]
+
+
+def test_adapters_load_and_unload_at_run_time(server, served_model, served_adapters, tmp_path):
+    """vLLM's runtime routes: an admin key loads and unloads; a bad adapter is a 400 and
+    nothing is loaded; another key gets a 403."""
+    from engine.sampling import SamplingOptions
+
+    from .helpers import reference_tokens
+
+    load, unload = f"{server.url}/v1/load_lora_adapter", f"{server.url}/v1/unload_lora_adapter"
+    bulk = {"Authorization": f"Bearer {BULK_KEY}"}
+    body = {"lora_name": "style-b", "lora_path": str(served_adapters["style-b"])}
+    assert error_of(httpx.post(load, headers=bulk, json=body), 403)["code"] == \
+        "permission_denied"
+    for bad, pattern in [({"lora_path": str(served_adapters["too-big"])}, "rank 16 exceeds"),
+                         ({"lora_path": str(tmp_path / "missing")}, "no such adapter"),
+                         ({"lora_path": str(tmp_path)}, "not a PEFT adapter")]:
+        error = error_of(httpx.post(load, headers=AUTH, json={**body, **bad}), 400)
+        assert error["code"] == "invalid_adapter" and pattern in error["message"], error
+    assert error_of(httpx.post(load, headers=AUTH, json={**body, "lora_name": "shapes"}),
+                    400)["param"] == "lora_name"
+    models = {m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"]}
+    assert "style-b" not in models
+    loaded = httpx.post(load, headers=AUTH, json=body, timeout=60)
+    assert loaded.status_code == 200 and "added successfully" in loaded.text
+    response = httpx.post(f"{server.url}/v1/generate", headers=AUTH, timeout=120, json={
+        "model": "style-b", "labels": [5], "greedy": True, "return_tokens": True})
+    assert response.json()["images"][0]["tokens"] == reference_tokens(
+        served_model, [5], SamplingOptions(cfg_scale=4.0, greedy=True),
+        adapter=served_adapters["style-b"])[0]
+    removed = httpx.post(unload, headers=AUTH, json={"lora_name": "style-b"}, timeout=60)
+    assert removed.status_code == 200 and "removed successfully" in removed.text
+    assert error_of(httpx.post(f"{server.url}/v1/generate", headers=AUTH,
+                               json={"model": "style-b", "labels": [5]}), 404)
+    assert error_of(httpx.post(unload, headers=AUTH, json={"lora_name": "style-b"}),
+                    404)["code"] == "adapter_not_found"
 
 
 def test_sigterm_drains_in_flight_work(server):

@@ -46,9 +46,16 @@ def _rotated_rect(cx: float, cy: float, w: float, h: float, angle: float
             for x, y in [(-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)]]
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
+# Background brightness (the gradient's two ends) of each style: the demo model's own, and
+# "dusk", the darker style its demo LoRA adapter learns (within what the demo VQ tokenizer
+# represents: its reconstructions of darker backgrounds come back lighter) (`llamagen train-lora`).
+STYLES = {"day": (70, 190), "dusk": (70, 95)}
+
+
+def _background(rng: np.random.Generator, size: int, style: str = "day") -> Image.Image:
     """A low-saturation two-colour gradient with a little noise."""
-    base = rng.uniform(70, 190, size=2)[:, None] + rng.uniform(-25, 25, size=(2, 3))
+    low, high = STYLES[style]
+    base = rng.uniform(low, high, size=2)[:, None] + rng.uniform(-25, 25, size=(2, 3))
     t = np.linspace(0, 1, size)
     ramp = t[None, :, None] if rng.random() < 0.5 else t[:, None, None]
     img = base[0] * (1 - ramp) + base[1] * ramp
@@ -97,11 +104,12 @@ def _mask(shape: str, rng: np.random.Generator, size: int) -> Image.Image:
     return mask
 
 
-def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One image of class `label`: uint8 (size, size, 3)."""
+def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE,
+           style: str = "day") -> np.ndarray:
+    """One image of class `label`: uint8 (size, size, 3), on a background of `style`."""
     _, shape, colour = CLASSES[label]
     big = size * _SCALE
-    image = _background(rng, big)
+    image = _background(rng, big, style)
     jitter = np.clip(np.array(colour) + rng.normal(0, 10, 3), 0, 255).astype(int)
     fill = Image.new("RGB", (big, big), tuple(int(c) for c in jitter))
     mask = _mask(shape, rng, big).filter(ImageFilter.GaussianBlur(1.0))
@@ -109,12 +117,13 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
     return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
 
 
-def make_dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def make_dataset(n: int, seed: int, size: int = IMAGE_SIZE, style: str = "day"
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """n images with balanced labels: (uint8 (n, size, size, 3), int64 (n,))."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(CLASSES)
     rng.shuffle(labels)
-    images = np.stack([render(int(label), rng, size) for label in labels])
+    images = np.stack([render(int(label), rng, size, style) for label in labels])
     return images, labels.astype(np.int64)
 
 
@@ -123,3 +132,14 @@ def to_tensor_range(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def background_brightness(images: np.ndarray, border: int = 4) -> np.ndarray:
+    """The style measure: per image, the mean value (0..255) of its `border`-pixel frame,
+    which the shapes (kept inside the frame by their margin) rarely touch."""
+    x = images.astype(np.float32).mean(axis=-1)
+    frame = np.concatenate([x[:, :border].reshape(len(x), -1), x[:, -border:].reshape(len(x), -1),
+                            x[:, :, :border].reshape(len(x), -1),
+                            x[:, :, -border:].reshape(len(x), -1)], axis=1)
+    return frame.mean(axis=1)
+

@@ -31,14 +31,19 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=[
 STARTED = int(time.time())
 
 
-@router.get("/models")
+@router.get("/models", response_model_exclude_none=True)
 def list_models(state: AppState = Depends(get_state)) -> ModelList:
-    return ModelList(data=[
-        ModelCard(id=name, created=STARTED, task=s.model.gpt.model_type,
-                  image_size=s.model.image_size, grid_size=s.model.grid_size,
-                  num_classes=0 if s.model.is_t2i else s.model.gpt.num_classes,
-                  max_model_len=s.model.max_model_len)
-        for name, s in state.services.items()])
+    """Every served model, then its LoRA adapters (with `parent`, as vLLM lists them)."""
+    cards = []
+    for name, s in state.services.items():
+        common = dict(created=STARTED, task=s.model.gpt.model_type,
+                      image_size=s.model.image_size, grid_size=s.model.grid_size,
+                      num_classes=0 if s.model.is_t2i else s.model.gpt.num_classes,
+                      max_model_len=s.model.max_model_len)
+        cards.append(ModelCard(id=name, **common))
+        for adapter in [] if s.adapters is None else s.adapters.list():
+            cards.append(ModelCard(id=adapter.name, parent=name, **common))
+    return ModelList(data=cards)
 
 
 IMAGES_RESPONSE = {"model": ImagesResponse}

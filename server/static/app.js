@@ -40,7 +40,13 @@ async function loadModels() {
   const select = $("model");
   const current = select.value;
   select.replaceChildren();
+  adapters = [];
   for (const model of (await response.json()).data) {
+    // A LoRA adapter names its base model as `parent`: it goes in the adapter picker.
+    if (model.parent) {
+      adapters.push(model);
+      continue;
+    }
     const option = new Option(`${model.id} (${model.image_size}px)`, model.id);
     option.dataset.task = model.task;
     option.dataset.grid = model.grid_size;
@@ -48,6 +54,25 @@ async function loadModels() {
   }
   if (current) select.value = current;
   await loadClasses();
+}
+
+let adapters = [];
+
+// The adapters of the chosen model ("none": the base model).
+function loadAdapters() {
+  const picker = $("adapter");
+  const current = picker.value;
+  picker.replaceChildren(new Option("none (the base model)", ""));
+  for (const adapter of adapters.filter((a) => a.parent === $("model").value)) {
+    picker.append(new Option(adapter.id, adapter.id));
+  }
+  picker.value = [...picker.options].some((o) => o.value === current) ? current : "";
+  $("adapter-field").hidden = picker.options.length < 2;
+}
+
+// What requests name as `model`: the adapter when one is picked, else the model.
+function requestModel() {
+  return $("adapter").value || $("model").value || undefined;
 }
 
 function setGrid() {
@@ -67,6 +92,7 @@ async function loadClasses() {
   const model = $("model").value;
   if (!model) return;
   setGrid();
+  loadAdapters();
   // A text-conditional model takes a caption: no class list to complete from.
   $("prompt-label").textContent = isTextModel() ? "Prompt" : "Class";
   $("prompt").placeholder = isTextModel() ? "a caption" : "a class name or id";
@@ -218,7 +244,7 @@ async function generate(event) {
   const n = Number($("n").value);
   const prompt = $("prompt").value.trim();
   const request = {
-    model: $("model").value || undefined,
+    model: requestModel(),
     [isTextModel() ? "prompts" : "labels"]: Array(n).fill(prompt),
     cfg_scale: Number($("cfg").value),
     top_k: Number($("topk").value),
@@ -229,6 +255,7 @@ async function generate(event) {
   };
   const negative = $("negative").value.trim();
   if (negative) request.negative_prompt = negative;
+  const adapter = $("adapter").value;
   const started = performance.now();
   const finished = await streamTiles(
     n, `Generating ${n} image${n > 1 ? "s" : ""} of “${prompt}”…`, "/v1/generate",
@@ -238,7 +265,8 @@ async function generate(event) {
       finished: (data) => ({
         index: data.index, b64: data.b64_json,
         subject: (data.class_name ?? data.prompt) +
-          (data.negative_prompt ? `, not ${data.negative_prompt}` : ""),
+          (data.negative_prompt ? `, not ${data.negative_prompt}` : "") +
+          (adapter ? ` (${adapter})` : ""),
         seed: data.seed, seconds: data.seconds, prompt, negative,
       }),
     });
@@ -295,7 +323,7 @@ async function redraw() {
   };
   const negative = $("negative").value.trim();
   if (negative) fields.negative_prompt = negative;
-  if ($("model").value) fields.model = $("model").value;
+  if (requestModel()) fields.model = requestModel();
   for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
   const started = performance.now();
   const finished = await streamTiles(
