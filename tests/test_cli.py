@@ -46,6 +46,9 @@ def test_models_lists_the_zoo():
       "--negative-prompts", "2"], "1 for 2 images"),
     (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
       "--negative-prompt", "2", "--negative-prompts", "3"], "not both"),
+    (["generate", "--model", "{model}", "--labels", "1", "--tokens-out", "{tmp}/t.json",
+      "--lora", "{tmp}/no-adapter"], "--lora: {tmp}/no-adapter: no such adapter directory"),
+    (["serve", "--model", "{model}", "--lora-modules", "dusk={tmp}"], "not a PEFT adapter"),
 ])
 def test_bad_input_exits_with_one_clear_line(tmp_path, tiny_model, args, pattern):
     from model_registry.synthetic import save_gpt_checkpoint
@@ -54,6 +57,7 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, tiny_model, args, pattern
     (tmp_path / "one.json").write_text("[[1, 2]]")
     (tmp_path / "bad.json").write_text("[[1, 300]]")
     args = [a.format(ckpt=ckpt, tmp=tmp_path, model=tiny_model.path) for a in args]
+    pattern = None if pattern is None else pattern.format(tmp=tmp_path)
     result = run_cli(*args)
     if pattern is None:  # argparse's own usage error
         assert result.returncode == 2 and "invalid choice" in result.stderr

@@ -6,6 +6,7 @@ are refused before anything is loaded."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +191,26 @@ def test_lora_modules_name_their_base():
             (one, ['{"name": "x"}'], "needs \"name\" and \"path\"")]:
         with pytest.raises(ValueError, match=pattern):
             ServerSettings(lora_modules=modules).adapters(models)
+
+
+def test_generate_with_lora_writes_the_adapters_tokens_and_provenance(tiny_model, adapters,
+                                                                      tmp_path):
+    """`llamagen generate --lora DIR`: the merged reference's tokens, the adapter in every
+    image's provenance."""
+    from vq_decoder.encoding import read_metadata
+
+    from .helpers import run_cli
+
+    result = run_cli("generate", "--model", str(tiny_model.path), "--labels", "2", "6",
+                     "--greedy", "--cfg-scale", "3", "--lora", str(adapters[1]),
+                     "--max-lora-rank", "8", "--dtype", "float32",
+                     "--tokens-out", str(tmp_path / "t.json"),
+                     "--out-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    tokens = json.loads((tmp_path / "t.json").read_text())
+    assert tokens == reference_tokens(tiny_model, [2, 6], SamplingOptions(cfg_scale=3.0,
+                                                                          greedy=True),
+                                      adapter=adapters[1])
+    for path in json.loads(result.stdout.strip().splitlines()[-1])["images"]:
+        record = read_metadata(Path(path).read_bytes())
+        assert record["lora"]["name"] == "style-b" and record["lora"]["rank"] == 8
