@@ -41,8 +41,8 @@ class StandInEngine:
         self.dtype = torch.float32
         self.cancelled: list[str] = []  # requests whose generation was closed unfinished
 
-    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0
-                       ) -> AsyncIterator[tuple[list[int], bool]]:
+    async def generate(self, prompt: Any, params: Any, request_id: str, priority: int = 0,
+                       lora: Any = None) -> AsyncIterator[tuple[list[int], bool]]:
         if self.mode == "dead":
             self.errored = True
             raise EngineDead("the engine core died")
