@@ -216,7 +216,9 @@ def test_openai_stream_without_partials(client):
 
 def test_models_endpoint(client):
     models = client.models.list()
-    assert [m.id for m in models.data] == ["shapes"]
+    # The model, then its LoRA adapter (--lora-modules), which names it as parent.
+    assert [m.id for m in models.data] == ["shapes", "style-a"]
+    assert [m.model_extra.get("parent") for m in models.data] == [None, "shapes"]
     assert models.data[0].object == "model" and models.data[0].owned_by
 
 
@@ -746,7 +748,8 @@ def test_what_real_clients_send_as_edits_works(server, source_image, name, field
 def test_served_model_names(client, server):
     """--served-model-name shapes dall-e-2 gpt-image-1: the first is reported, every one
     is accepted, metrics name the first."""
-    assert [m.id for m in client.models.list().data] == ["shapes"]
+    assert [m.id for m in client.models.list().data
+            if "parent" not in m.model_extra] == ["shapes"]
     before = metric(server.metrics(), "llamagen_images_generated_total", model="shapes")
     for name in ("dall-e-2", "gpt-image-1", "shapes"):
         assert len(client.images.generate(model=name, prompt="1", response_format="b64_json",
