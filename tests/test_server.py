@@ -1231,6 +1231,8 @@ def test_adapters_load_and_unload_at_run_time(server, served_model, served_adapt
         assert error["code"] == "invalid_adapter" and pattern in error["message"], error
     assert error_of(httpx.post(load, headers=AUTH, json={**body, "lora_name": "shapes"}),
                     400)["param"] == "lora_name"
+    assert error_of(httpx.post(load, headers=AUTH, json={**body, "base_model_name": "cats"}),
+                    404)["param"] == "base_model_name"
     models = {m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"]}
     assert "style-b" not in models
     loaded = httpx.post(load, headers=AUTH, json=body, timeout=60)

@@ -25,7 +25,11 @@ def _taken(state: AppState, name: str) -> bool:
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest,
                             state: AppState = Depends(get_state)) -> PlainTextResponse:
-    service = resolve_service(state, body.base_model_name)
+    try:
+        service = resolve_service(state, body.base_model_name)
+    except ServiceError as e:  # named by this request's own field
+        raise ServiceError(404, f"base_model_name: {e.message}", param="base_model_name",
+                           code="model_not_found") from None
     if service.adapters is None:
         raise ServiceError(400, f"{service.name} serves no adapters: start the server with "
                            "--enable-lora", param="base_model_name", code="lora_disabled")
