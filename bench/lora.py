@@ -16,29 +16,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.offline import OPTIONS, SIZES
+from bench.offline import OPTIONS, random_model
 from bench.report import command_line, machine, write_section
 from engine.adapters import Adapter, offline_adapter
 from engine.conditions import Condition
 from engine.offline import OfflineGenerator
 from engine.settings import EngineSettings
 from engine.vllm_api import build_llm
-from model_registry.configs import GPTConfig, task_config
-from model_registry.convert import convert
 from model_registry.demo import DEMO_MODEL
 from model_registry.demo.train_lora import DEMO_ADAPTER
 from model_registry.model_dir import ModelDir, load_model_dir
-from model_registry.synthetic import save_gpt_checkpoint, save_lora_adapter
+from model_registry.synthetic import save_lora_adapter
 
 
 def _model(name: str, workdir: Path) -> ModelDir:
-    if name == "demo":
-        return load_model_dir(DEMO_MODEL)
-    config = GPTConfig(**SIZES[name], **task_config("c2i", 256))
-    ckpt = save_gpt_checkpoint(config, workdir / f"{name}.pt")
-    model = convert(ckpt, json.dumps(config.to_dict()), workdir / name, overwrite=True)
-    ckpt.unlink()
-    return model
+    return load_model_dir(DEMO_MODEL) if name == "demo" else random_model(name, workdir)
 
 
 def _images_per_s(engine: OfflineGenerator, conditions: list[Condition],

@@ -36,6 +36,7 @@ from engine.vllm_api import (
 from model_registry.configs import GPT_MODELS, GPTConfig, task_config
 from model_registry.convert import convert
 from model_registry.generate import generate
+from model_registry.model_dir import ModelDir
 from model_registry.synthetic import save_gpt_checkpoint
 from model_registry.text_encoder import left_pad
 
@@ -73,16 +74,24 @@ def reference_inputs(config: GPTConfig, n: int, dtype: torch.dtype) -> list:
                                 generator=g)).to(dtype) for i in range(n)]
 
 
+def random_model(size: str, workdir: Path, task: str = "c2i", image_size: int = 256
+                 ) -> ModelDir:
+    """A zoo size with random weights, converted into a model directory under `workdir`."""
+    config = GPTConfig(**SIZES[size], **task_config(task, image_size))
+    ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
+    model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
+    ckpt.unlink()
+    return model
+
+
 def bench_size(size: str, batch_sizes: list[int], dtype: str, workdir: Path,
                task: str = "c2i", kv_cache_dtype: str = "auto", mode: str = "default",
                image_size: int = 256) -> list[dict]:
     """mode: default (the machine's: compiled with CUDA graphs on GPUs, eager on CPUs),
     eager, or compiled (vLLM's torch.compile of the model; on CPUs its inductor backend)."""
-    config = GPTConfig(**SIZES[size], **task_config(task, image_size))
     options = OPTIONS[task]
-    ckpt = save_gpt_checkpoint(config, workdir / f"{size}.pt")
-    model = convert(ckpt, json.dumps(config.to_dict()), workdir / size, overwrite=True)
-    ckpt.unlink()
+    model = random_model(size, workdir, task, image_size)
+    config = model.gpt
     settings = EngineSettings(dtype=dtype, max_num_seqs=max(batch_sizes),
                               kv_cache_dtype=kv_cache_dtype, enforce_eager=MODES[mode])
     started = time.perf_counter()

@@ -240,8 +240,8 @@ class ServingRequest:
                 async for event in events:
                     if isinstance(event, Finished):
                         self.images_done += 1
-                        self.tokens_done += self.model.gpt.block_size - len(
-                            (prefixes or [[]] * len(conditions))[event.index])
+                        self.tokens_done += self.model.gpt.block_size - (
+                            len(prefixes[event.index]) if prefixes else 0)
                     yield event
         except TimeoutError:
             metrics.TIMEOUTS.labels(self.service.name, self.endpoint).inc()
