@@ -226,6 +226,65 @@ def cmd_generate(args: argparse.Namespace) -> None:
                       "tokens_out": args.tokens_out, "images": [str(p) for p in images]}))
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from engine.sampling import SamplingOptions
+    from engine.settings import EngineSettings
+    from jobs.job import InputError, SampleJob, batch_items, caption_items, class_items, digest
+    from jobs.outputs import open_output
+    from jobs.run import Execution, RunMismatch, run
+
+    try:
+        settings = model_from_flags(EngineSettings, args)
+        given = model_from_flags(SamplingOptions, args).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        raise UsageError(_one_line(e)) from None
+    seed = given.pop("seed", None)
+    model = load_model_dir(resolve_model_path(args.model))
+    SamplingOptions.resolve(model.gpt.model_type, **given)  # a bad combination fails here
+    sources = [name for name, value in (("--num-samples", args.num_samples),
+                                        ("--label-file", args.label_file),
+                                        ("--caption-file", args.caption_file),
+                                        ("--batch-input", args.batch_input)) if value]
+    if len(sources) != 1:
+        raise UsageError("give one input: --num-samples N or --label-file FILE (class "
+                         "models), --caption-file FILE (text models), or --batch-input FILE")
+    if model.vq is None:
+        raise UsageError(f"{model.path} has no VQ decoder: sample writes pixels")
+    wanted_t2i = {"--caption-file": True, "--batch-input": model.is_t2i}.get(sources[0], False)
+    if wanted_t2i != model.is_t2i:
+        raise UsageError(f"{model.name} is {'text' if model.is_t2i else 'class'}-conditional: "
+                         f"give {'--caption-file' if model.is_t2i else '--num-samples or '}"
+                         f"{'' if model.is_t2i else '--label-file'}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError("--num-samples: at least 1")
+    try:
+        if args.batch_input:
+            kind, items = "batch", batch_items(args.batch_input)
+        elif args.caption_file:
+            kind, items = "captions", caption_items(args.caption_file)
+        else:
+            kind, items = "classes", class_items(model, args.num_samples or 0, args.labels,
+                                                 seed or 0, args.label_file)
+        output = open_output(args.out, args.store_endpoint)
+    except (InputError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    job = SampleJob(kind=kind, model=str(model.path.resolve()), model_sha256=model.gpt_sha256,
+                    served_names=args.served_model_name or [model.name], seed=seed or 0,
+                    sampling=given, engine=settings.model_dump(), outputs=args.outputs,
+                    image_format=args.format, compression=args.compression,
+                    shard_size=args.shard_size, decode_batch=args.decode_batch,
+                    items=len(items), items_sha256=digest(items))
+    execution = Execution(actors=args.actors, address=args.address,
+                          cpus_per_actor=args.cpus_per_actor,
+                          gpus_per_actor=args.gpus_per_actor, endpoint_url=args.store_endpoint,
+                          merge=args.merge, verbose=args.verbose)
+    try:
+        summary = run(job, items, output, execution)
+    except RunMismatch as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(summary))
+
+
 def negative_texts(args: argparse.Namespace, count: int, options: Any) -> list[str] | None:
     """--negative-prompt (every image) or --negative-prompts (one per image), checked."""
     if args.negative_prompt is not None and args.negative_prompts is not None:
@@ -486,6 +545,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, EngineSettings, exclude=("seed",))
     add_model_flags(p, SigningSettings)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sample", help="generate at scale on Ray Data: class or caption runs to "
+                       "sharded .npz and/or image files, or an OpenAI Batch file; resumable")
+    p.add_argument("--model", help="model directory (on every node of a cluster; default: "
+                   "the embedded demo)")
+    inputs = p.add_argument_group("input (one of)")
+    inputs.add_argument("--num-samples", type=int, metavar="N", help="class models: N samples, "
+                        "labels as --labels says")
+    inputs.add_argument("--labels", default="uniform", choices=["uniform", "balanced"],
+                        help="with --num-samples: drawn uniformly from the run's seed (as the "
+                        "original's sampler), or balanced (sample i has class i mod classes)")
+    inputs.add_argument("--label-file", metavar="FILE", help="class models: one class id or "
+                        "name per line")
+    inputs.add_argument("--caption-file", metavar="FILE", help="text models: one caption per "
+                        "line, or JSONL with a \"caption\" (or \"prompt\") each")
+    inputs.add_argument("--batch-input", metavar="FILE", help="an OpenAI Batch input file "
+                        "(/v1/images/generations lines); writes output.jsonl")
+    p.add_argument("--out", required=True, help="a directory or s3://bucket/prefix; a run "
+                   "there with the same flags is resumed")
+    p.add_argument("--store-endpoint", metavar="URL", help="S3-compatible endpoint for an "
+                   "s3:// --out (default: AWS, or AWS_ENDPOINT_URL)")
+    p.add_argument("--outputs", nargs="+", default=["npz"], choices=["npz", "images"],
+                   help="class and caption runs: sharded .npz (arr_0 uint8 N x H x W x 3, the "
+                   "ADM evaluator's layout), image files with provenance, or both")
+    p.add_argument("--format", default="png", choices=list(IMAGE_FORMATS),
+                   help="image files' format (default: png)")
+    p.add_argument("--compression", type=int, choices=range(101), metavar="0..100")
+    p.add_argument("--shard-size", type=int, default=250, help="samples (or Batch lines) per "
+                   "shard: the unit of work, of output and of resumption (default: 250)")
+    p.add_argument("--decode-batch", type=int, default=32, help="VQ decode batch (default: 32)")
+    p.add_argument("--merge", action="store_true", help="also write samples.npz: every shard "
+                   "in index order, one file (what the ADM evaluator reads)")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME", help="the names a Batch "
+                   "line's `model` may give (default: the model's name)")
+    ray_flags = p.add_argument_group("Ray")
+    ray_flags.add_argument("--actors", type=int, default=1, help="engines (Ray actors), one "
+                           "GPU each on a GPU cluster (default: 1)")
+    ray_flags.add_argument("--address", help="an existing Ray cluster (ray://host:10001 or "
+                           "host:6379); default: a local Ray instance for this run")
+    ray_flags.add_argument("--cpus-per-actor", type=float, help="default: the machine's cores "
+                           "/ --actors without GPUs, else 1")
+    ray_flags.add_argument("--gpus-per-actor", type=float, help="default: "
+                           "--tensor-parallel-size where the cluster has GPUs, else 0")
+    ray_flags.add_argument("--verbose", action="store_true", help="the actors' logs on stderr")
+    add_model_flags(p, SamplingOptions)
+    add_model_flags(p, EngineSettings, exclude=("seed",))
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("serve", help="run the HTTP server")
     add_model_flags(p, ServerSettings)

@@ -35,6 +35,19 @@ def stack_batch(items: list[torch.Tensor], pad_to: int | None) -> torch.Tensor:
     return torch.stack(items)
 
 
+def decode_grids(decoder: VQDecoder, grids: Sequence[Sequence[int]], batch_size: int = 32
+                 ) -> list[np.ndarray]:
+    """Offline decoding (`generate --out-dir`, `sample`): token grids -> uint8 (H, W, 3)
+    images, in batches padded to `batch_size`, so an image's pixels depend on its grid alone,
+    not on how many others were decoded with it (the server's batch-invariant mode)."""
+    side = int(len(grids[0]) ** 0.5) if grids else 0
+    images: list[np.ndarray] = []
+    for start in range(0, len(grids), batch_size):
+        chunk = [torch.tensor(g).view(side, side) for g in grids[start: start + batch_size]]
+        images += list(decoder.decode_uint8(stack_batch(chunk, batch_size)).numpy()[: len(chunk)])
+    return images
+
+
 class DecoderService:
     def __init__(self, decoder: VQDecoder, *, preview_decoder: VQDecoder | None = None,
                  max_batch_size: int = 32, max_wait_s: float = 0.005,

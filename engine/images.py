@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from engine.conditions import Condition
 from engine.credentials import ContentCredentials
+from engine.decoding import decode_grids
 from engine.sampling import SamplingOptions
 from model_registry.convert import software_version
 from model_registry.model_dir import ModelDir
@@ -115,19 +115,14 @@ class ImageWriter:
              prefixes: Sequence[Sequence[int]] | None = None) -> list[Path]:
         """Decode token grids and write exactly one file per image, `{index:04d}_{label}.{ext}`
         (c2i) or `{index:04d}.{ext}` (t2i); `prefixes`: the given tokens each completed."""
-        decoder = self.model.vq_decoder()
-        grid = self.model.grid_size
         extension = IMAGE_FORMATS[self.format].extension
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        for start in range(0, len(tokens), batch_size):
-            codes = torch.tensor(tokens[start: start + batch_size]).view(-1, grid, grid)
-            for offset, pixels in enumerate(decoder.decode_uint8(codes).numpy()):
-                i = start + offset
-                condition = conditions[i]
-                stem = f"{i:04d}" if condition.label is None else f"{i:04d}_{condition.label}"
-                path = out_dir / f"{stem}.{extension}"
-                prefix = prefixes[i] if prefixes is not None else ()
-                path.write_bytes(self.encode(pixels, condition, seeds[i], prefix))
-                paths.append(path)
+        pixels = decode_grids(self.model.vq_decoder(), tokens, batch_size)
+        for i, (image, condition) in enumerate(zip(pixels, conditions, strict=True)):
+            stem = f"{i:04d}" if condition.label is None else f"{i:04d}_{condition.label}"
+            path = out_dir / f"{stem}.{extension}"
+            prefix = prefixes[i] if prefixes is not None else ()
+            path.write_bytes(self.encode(image, condition, seeds[i], prefix))
+            paths.append(path)
         return paths

@@ -24,24 +24,34 @@ class OfflineGenerator:
         self.null = (None if self.projection is None
                      else project_caption(self.projection, model.null_caption()))
 
-    def generate(self, conditions: Sequence[Condition], options: SamplingOptions,
+    def generate(self, conditions: Sequence[Condition],
+                 options: SamplingOptions | Sequence[SamplingOptions],
                  prefixes: Sequence[Sequence[int]] | None = None,
-                 adapters: Sequence[Adapter | None] | Adapter | None = None
+                 adapters: Sequence[Adapter | None] | Adapter | None = None,
+                 seeds: Sequence[int | None] | None = None
                  ) -> tuple[list[list[int]], list[int | None]]:
         """Conditions -> (the token grid per image in order, the seed each image used).
 
         `prefixes`: one per condition, the grid's first image codes to complete from (an
         empty one generates the whole grid); the returned grids include them. `adapters`:
         a LoRA adapter for every image, or one per image (None: the base), on an engine
-        built with enable_lora."""
+        built with enable_lora. `options` and `seeds`: one for all images or one per image
+        (default seeds: `options.image_seeds`, image i seed + i)."""
         prefixes = [check_prefix(self.model, p) for p in prefixes or [[]] * len(conditions)]
         if len(prefixes) != len(conditions):
             raise ValueError(f"{len(prefixes)} prefixes for {len(conditions)} conditions")
-        seeds = options.image_seeds(len(conditions))
+        if isinstance(options, SamplingOptions):
+            seeds = options.image_seeds(len(conditions)) if seeds is None else list(seeds)
+            options = [options] * len(conditions)
+        elif seeds is None:
+            raise ValueError("per-image options need per-image seeds")
+        if not len(options) == len(seeds) == len(conditions):
+            raise ValueError(f"{len(options)} options and {len(seeds)} seeds for "
+                             f"{len(conditions)} conditions")
         prompts = [c.prompt(self.model, p, self.null)
                    for c, p in zip(conditions, prefixes, strict=True)]
-        params = [sampling_params(self.model, options, seed, prefix_len=len(p))
-                  for seed, p in zip(seeds, prefixes, strict=True)]
+        params = [sampling_params(self.model, o, seed, prefix_len=len(p))
+                  for o, seed, p in zip(options, seeds, prefixes, strict=True)]
         if adapters is None or isinstance(adapters, Adapter):
             adapters = [adapters] * len(conditions)
         loras = None if all(a is None for a in adapters) else \
@@ -52,7 +62,7 @@ class OfflineGenerator:
             if len(grid) != self.model.gpt.block_size:
                 raise RuntimeError(f"engine returned {len(grid)} tokens, expected "
                                    f"{self.model.gpt.block_size}")
-        return grids, seeds
+        return grids, list(seeds)
 
     def _projection(self) -> torch.nn.Module:
         if self.projection is None:

@@ -95,9 +95,7 @@ def resolve_target(state: AppState, model: str | None) -> tuple[ModelService, Ad
         if adapter is not None:
             return service, adapter
     adapters = [a.name for s in state.services.values() if s.adapters for a in s.adapters.list()]
-    raise ServiceError(404, f"model {model!r} not found; available: "
-                       f"{', '.join([*state.names, *adapters])}", param="model",
-                       code="model_not_found")
+    raise ServiceError.model_not_found(model, [*state.names, *adapters])
 
 
 def require_admin(request: Request, state: AppState = Depends(get_state)) -> None:

@@ -35,6 +35,11 @@ class ServiceError(StarletteHTTPException):
                    headers={"Retry-After": str(e.retry_after_s)})
 
     @classmethod
+    def model_not_found(cls, model: str, available: list[str]) -> ServiceError:
+        return cls(404, f"model {model!r} not found; available: {', '.join(available)}",
+                   param="model", code="model_not_found")
+
+    @classmethod
     def engine_unavailable(cls) -> ServiceError:
         return cls(503, "the generation engine died; this server is restarting, retry on "
                    "another replica or shortly", type="server_error", code="engine_unavailable",

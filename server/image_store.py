@@ -108,15 +108,20 @@ class LocalImageStore:
         return removed
 
 
-class S3ImageStore:
-    def __init__(self, url: str, ttl_s: float, endpoint_url: str | None = None):
+class Bucket:
+    """An S3-compatible bucket under a prefix, through boto3 (AWS's own client: the standard
+    credential chain; `endpoint_url` or AWS_ENDPOINT_URL for MinIO, Ceph, R2 or GCS interop).
+    The image store's client, and `llamagen sample`'s output; every failure is a
+    StoreUnavailable naming the URL."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None):
         import boto3
         from botocore.config import Config
 
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise ValueError(f"image store {url!r}: expected s3://bucket/prefix")
-        self.url, self.ttl_s = url, ttl_s
+            raise ValueError(f"{url!r}: expected s3://bucket/prefix")
+        self.url = url
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         # Short timeouts and few retries: a request waiting on a dead store should get its
         # 503 in seconds, not minutes.
@@ -124,13 +129,10 @@ class S3ImageStore:
                         retries={"max_attempts": 2, "mode": "standard"})
         self._s3 = boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
-    def _key(self, name: str) -> str:
+    def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self._check)
-
-    def _check(self) -> None:
+    def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -139,18 +141,66 @@ class S3ImageStore:
             code = e.response.get("Error", {}).get("Code", "")
             why = {"404": "the bucket does not exist", "NoSuchBucket": "the bucket does not "
                    "exist", "403": "access denied (check the credentials)"}.get(code, str(e))
-            raise StoreUnavailable(f"image store {self.url}: {why}") from e
+            raise StoreUnavailable(f"{self.url}: {why}") from e
         except BotoCoreError as e:  # no credentials, unreachable endpoint, ...
-            raise StoreUnavailable(f"image store {self.url}: {e}") from e
+            raise StoreUnavailable(f"{self.url}: {e}") from e
+
+    def put(self, name: str, data: bytes, content_type: str) -> None:
+        self._call("put_object", Bucket=self.bucket, Key=self.key(name), Body=data,
+                   ContentType=content_type)
+
+    def put_file(self, name: str, path: Path) -> None:
+        """A large file, in parts where it needs them (boto3's managed transfer)."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.upload_file(str(path), self.bucket, self.key(name))
+        except (BotoCoreError, ClientError, S3UploadFailedError) as e:
+            raise StoreUnavailable(f"{self.url}: {e}") from e
+
+    def get(self, name: str) -> dict | None:
+        """The object (boto3's get_object answer), None when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._call("get_object", Bucket=self.bucket, Key=self.key(name))
+        except StoreUnavailable as e:
+            cause = e.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get(
+                    "Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def _call(self, method: str, **kwargs: object) -> dict:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._s3, method)(**kwargs)
+        except (BotoCoreError, ClientError) as e:
+            raise StoreUnavailable(f"{self.url}: {e}") from e
+
+
+class S3ImageStore:
+    def __init__(self, url: str, ttl_s: float, endpoint_url: str | None = None):
+        try:
+            self.bucket = Bucket(url, endpoint_url)
+        except ValueError as e:
+            raise ValueError(f"image store {e}") from None
+        self.url, self.ttl_s = url, ttl_s
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.bucket.check)
+        except StoreUnavailable as e:
+            raise StoreUnavailable(f"image store {e}") from e
 
     async def stop(self) -> None:
         pass
 
     async def save(self, data: bytes, fmt: str) -> str:
         name = new_name(fmt)
-        await asyncio.to_thread(self._call, "put_object", Bucket=self.bucket,
-                                Key=self._key(name), Body=data,
-                                ContentType=IMAGE_FORMATS[fmt].media_type)
+        await asyncio.to_thread(self.bucket.put, name, data, IMAGE_FORMATS[fmt].media_type)
         return name
 
     async def get(self, name: str) -> tuple[bytes, FormatSpec] | None:
@@ -159,28 +209,13 @@ class S3ImageStore:
         return await asyncio.to_thread(self._get, name)
 
     def _get(self, name: str) -> tuple[bytes, FormatSpec] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            obj = self._call("get_object", Bucket=self.bucket, Key=self._key(name))
-        except StoreUnavailable as e:
-            cause = e.__cause__
-            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get(
-                    "Code") in ("NoSuchKey", "404"):
-                return None
-            raise
+        obj = self.bucket.get(name)
+        if obj is None:
+            return None
         age = (datetime.now(UTC) - obj["LastModified"]).total_seconds()
         if age > self.ttl_s:
             return None
         return obj["Body"].read(), BY_EXTENSION[name.rsplit(".", 1)[1]]
-
-    def _call(self, method: str, **kwargs: object) -> dict:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self._s3, method)(**kwargs)
-        except (BotoCoreError, ClientError) as e:
-            raise StoreUnavailable(f"image store {self.url}: {e}") from e
 
 
 def open_image_store(store: str | None, directory: Path, ttl_s: float,

@@ -29,6 +29,7 @@ from engine.images import EditSource, ImageWriter
 from engine.sampling import SamplingOptions, SamplingOverrides
 from engine.service import Finished, Preview, QueueFull, Reservation
 from engine.vllm_api import EngineDead
+from model_registry.model_dir import ModelDir
 from server import metrics
 from server.deps import AppState, resolve_target, until_disconnected
 from server.errors import ServiceError, validation_error
@@ -92,10 +93,7 @@ class ServingRequest:
 
     def check_count(self, n: int, param: str) -> None:
         self.count_param = param
-        limit = self.state.settings.max_images_per_request
-        if n > limit:
-            raise ServiceError(400, f"{param}: at most {limit} images per request",
-                               param=param, code="too_many_images")
+        check_count(n, self.state.settings.max_images_per_request, param)
 
     def set_priority(self, given: int | None) -> None:
         """The request's priority: the one given, else the key's default, else 0 (a 400 when
@@ -108,9 +106,8 @@ class ServingRequest:
         priority = given if given is not None else (
             0 if self.tenant is None else self.tenant.spec.default_priority)
         if priority != 0 and self.state.settings.scheduling_policy != "priority":
-            raise ServiceError(400, "priority: this server schedules first come, first served "
-                               "(start it with --scheduling-policy priority)",
-                               param="priority", code="priority_not_enabled")
+            raise priority_not_enabled("this server schedules first come, first served (start "
+                                       "it with --scheduling-policy priority)")
         self.priority = priority
 
     def check_task(self, t2i: bool, param: str) -> None:
@@ -144,11 +141,11 @@ class ServingRequest:
         after admission, since encoding costs compute; released again if it fails).
         `negatives`: one per text (None: none), named `negative_param` (`.i` appended when
         `negatives_indexed`), each in the unguided stream of its text's condition."""
-        self.check_negative(negatives, negative_param, negatives_indexed)
+        check_negative(negatives, self.options, negative_param, negatives_indexed)
         if not self.model.is_t2i:
-            conditions = self._classes(texts, param, indexed)
-            negative = (None if negatives is None else
-                        self._classes(negatives, negative_param, negatives_indexed))
+            conditions = class_conditions(self.model, texts, param, indexed)
+            negative = (None if negatives is None else class_conditions(
+                self.model, negatives, negative_param, negatives_indexed))
         self.reserve(images)
         if not self.model.is_t2i:
             return [c.with_negative(None if negative is None else negative[i])
@@ -164,19 +161,6 @@ class ServingRequest:
         return [encoded[str(t)].with_negative(
                     None if negatives is None else encoded[str(negatives[i])])
                 for i, t in enumerate(texts)]
-
-    def check_negative(self, negatives: list[int | str] | None, param: str,
-                       indexed: bool = False) -> None:
-        """A negative needs guidance: with cfg_scale <= 1 the unguided stream is not used."""
-        if negatives is not None and self.options.cfg_scale <= 1:
-            raise ServiceError(400, f"{param}: a negative prompt steers guidance, and "
-                               f"cfg_scale is {self.options.cfg_scale:g}; give cfg_scale > 1",
-                               param=param, code="negative_without_guidance")
-        for i, text in enumerate(negatives or []):
-            if isinstance(text, str) and not text.strip():
-                where = f"{param}.{i}" if indexed else param
-                raise ServiceError(400, f"{where}: must not be empty", param=where,
-                                   code="invalid_value")
 
     def reserve(self, images: int) -> None:
         """Room for `images` images within the API key's limits and the model's queue, or a
@@ -211,16 +195,6 @@ class ServingRequest:
             self._tenant_release()
         if self._adapter_release is not None:
             self._adapter_release()
-
-    def _classes(self, labels: list[int | str], param: str, indexed: bool) -> list[Condition]:
-        conditions = []
-        for i, text in enumerate(labels):
-            try:
-                conditions.append(Condition(label=self.model.resolve_label(text)))
-            except ValueError as e:
-                where = f"{param}.{i}" if indexed else param
-                raise ServiceError(400, str(e), param=where, code="unknown_class") from None
-        return conditions
 
     # ---- generation and images ----
 
@@ -264,16 +238,7 @@ class ServingRequest:
         return base64.b64encode(await self.encode(pixels, condition, seed, prefix)).decode()
 
     def usage(self, conditions: list[Condition], prefix_len: int = 0) -> Usage:
-        """Input tokens: the class token, or the caption's T5 tokens, plus an edit's kept
-        image tokens; output: the image tokens generated."""
-        conditioning = sum(c.input_tokens for c in conditions)
-        kept = len(conditions) * prefix_len
-        outputs = len(conditions) * (self.model.gpt.block_size - prefix_len)
-        return Usage(input_tokens=conditioning + kept,
-                     input_tokens_details=ImageTokensDetails(text_tokens=conditioning,
-                                                             image_tokens=kept),
-                     output_tokens=outputs, total_tokens=conditioning + kept + outputs,
-                     output_tokens_details=ImageTokensDetails(image_tokens=outputs))
+        return image_usage(self.model, conditions, prefix_len)
 
     # ---- the two ways a request ends ----
 
@@ -367,13 +332,8 @@ class ServingImages(ServingRequest):
     def output_size(self, size: str) -> int:
         """The side of the square images delivered (a 400 saying what is accepted)."""
         settings = self.state.settings
-        try:
-            return output_side(size, self.model.image_size, settings.max_output_size,
-                               strict=settings.strict_size)
-        except ValueError as e:
-            raise ServiceError(400, f"size {size[:40]!r} is not supported by "
-                               f"{self.service.name}; accepted: {e}", param="size",
-                               code="unsupported_size") from None
+        return checked_size(size, self.model, self.service.name, settings.max_output_size,
+                            settings.strict_size)
 
     @property
     def size(self) -> str:
@@ -559,15 +519,16 @@ class ServingEdits(ServingImages):
         if not isinstance(body, ImageEditRequest):
             return
         if not self.model.is_t2i:
-            self._classes([body.prompt], "prompt", indexed=False)
+            class_conditions(self.model, [body.prompt], "prompt", indexed=False)
         if body.negative_prompt is not None:
             try:
                 self.options = body.sampling_options(self.model.gpt.model_type)
             except ValidationError as e:
                 raise validation_error(e) from None
-            self.check_negative([body.negative_prompt], "negative_prompt")
+            check_negative([body.negative_prompt], self.options, "negative_prompt")
             if not self.model.is_t2i:
-                self._classes([body.negative_prompt], "negative_prompt", indexed=False)
+                class_conditions(self.model, [body.negative_prompt], "negative_prompt",
+                                 indexed=False)
 
     async def condition(self, body: ImageEditRequest | ImageVariationRequest) -> Condition:
         """Room for the images, and the condition they are drawn under."""
@@ -751,6 +712,68 @@ class ServingNative(ServingRequest):
             return None
         return negative.caption if negative.label is None else \
             self.model.class_names[negative.label]
+
+
+# ---- the checks a request meets, shared with `llamagen sample`'s Batch lines ----
+
+def check_count(n: int, limit: int, param: str) -> None:
+    if n > limit:
+        raise ServiceError(400, f"{param}: at most {limit} images per request",
+                           param=param, code="too_many_images")
+
+
+def priority_not_enabled(why: str) -> ServiceError:
+    return ServiceError(400, f"priority: {why}", param="priority", code="priority_not_enabled")
+
+
+def checked_size(size: str, model: ModelDir, name: str, cap: int, strict: bool) -> int:
+    """The side of the square images delivered (a 400 saying what is accepted)."""
+    try:
+        return output_side(size, model.image_size, cap, strict=strict)
+    except ValueError as e:
+        raise ServiceError(400, f"size {size[:40]!r} is not supported by {name}; accepted: "
+                           f"{e}", param="size", code="unsupported_size") from None
+
+
+def check_negative(negatives: Sequence[int | str] | None, options: SamplingOptions,
+                   param: str, indexed: bool = False) -> None:
+    """A negative needs guidance: with cfg_scale <= 1 the unguided stream is not used."""
+    if negatives is not None and options.cfg_scale <= 1:
+        raise ServiceError(400, f"{param}: a negative prompt steers guidance, and "
+                           f"cfg_scale is {options.cfg_scale:g}; give cfg_scale > 1",
+                           param=param, code="negative_without_guidance")
+    for i, text in enumerate(negatives or []):
+        if isinstance(text, str) and not text.strip():
+            where = f"{param}.{i}" if indexed else param
+            raise ServiceError(400, f"{where}: must not be empty", param=where,
+                               code="invalid_value")
+
+
+def class_conditions(model: ModelDir, labels: Sequence[int | str], param: str,
+                     indexed: bool) -> list[Condition]:
+    """Class ids or names -> conditions (a 400 naming the first unknown one)."""
+    conditions = []
+    for i, text in enumerate(labels):
+        try:
+            conditions.append(Condition(label=model.resolve_label(text)))
+        except ValueError as e:
+            where = f"{param}.{i}" if indexed else param
+            raise ServiceError(400, str(e), param=where, code="unknown_class") from None
+    return conditions
+
+
+def image_usage(model: ModelDir, conditions: Sequence[Condition], prefix_len: int = 0
+                ) -> Usage:
+    """Input tokens: the class token, or the caption's T5 tokens, plus an edit's kept image
+    tokens; output: the image tokens generated."""
+    conditioning = sum(c.input_tokens for c in conditions)
+    kept = len(conditions) * prefix_len
+    outputs = len(conditions) * (model.gpt.block_size - prefix_len)
+    return Usage(input_tokens=conditioning + kept,
+                 input_tokens_details=ImageTokensDetails(text_tokens=conditioning,
+                                                         image_tokens=kept),
+                 output_tokens=outputs, total_tokens=conditioning + kept + outputs,
+                 output_tokens_details=ImageTokensDetails(image_tokens=outputs))
 
 
 SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")

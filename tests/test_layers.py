@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .helpers import REPO
 
-LAYERS = {"vq_decoder": 0, "model_registry": 1, "engine": 2, "server": 3, "bench": 3, "cli": 4}
+LAYERS = {"vq_decoder": 0, "model_registry": 1, "engine": 2, "server": 3, "bench": 3, "jobs": 4,
+          "cli": 5}
 # The modules a vLLM upgrade re-checks: the runtime side, then the model plugin's.
 VLLM_MODULES = {"engine/vllm_api.py", "model_registry/plugin.py",
                 "model_registry/vllm_model.py", "model_registry/cfg.py"}

@@ -1,0 +1,1 @@
+"""Offline jobs: `llamagen sample`, generation at scale on Ray Data (docs/SAMPLING.md)."""
