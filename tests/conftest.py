@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 from model_registry.configs import GPTConfig
@@ -18,7 +20,16 @@ from model_registry.convert import convert
 from model_registry.model_dir import ModelDir
 from model_registry.synthetic import save_gpt_checkpoint, save_vq_checkpoint
 
-from .helpers import GOLDEN, TINY_T2I, TINY_VQ, make_model_dir, tiny_config
+from .helpers import (
+    BUCKET,
+    CREDENTIALS,
+    GOLDEN,
+    TINY_T2I,
+    TINY_VQ,
+    MotoServer,
+    make_model_dir,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +95,20 @@ def engine_factory() -> Iterator:
     yield make
     made.clear()
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's S3 server with the bucket BUCKET, and credentials for it in the environment
+    (the processes a test starts inherit them)."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)  # the servers started below inherit them
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

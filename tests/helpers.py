@@ -344,3 +344,36 @@ def read_credentials(data: bytes, fmt: str) -> tuple[str, dict]:
 
     reader = c2pa.Reader(IMAGE_FORMATS[fmt].media_type, io.BytesIO(data))
     return reader.get_validation_state(), reader.get_active_manifest()
+
+
+# ---- a real S3 server (moto's) ----
+
+BUCKET = "llamagen-images"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class MotoServer:
+    """moto's standalone S3 server on a loopback port."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        moto = Path(sys.executable).parent / "moto_server"
+        self.log = (workdir / "moto.log").open("w")
+        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(self.url, timeout=1)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()

@@ -9,8 +9,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -20,55 +18,17 @@ import pytest
 from model_registry.demo import DEMO_MODEL
 from server.image_store import S3ImageStore, StoreUnavailable
 
-from .helpers import API_KEY, ServerProcess, assert_one_line_error, free_port, run_cli
+from .helpers import (
+    API_KEY,
+    BUCKET,
+    CREDENTIALS,
+    MotoServer,
+    ServerProcess,
+    assert_one_line_error,
+    run_cli,
+)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-BUCKET = "llamagen-images"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-class MotoServer:
-    """moto's standalone S3 server on a loopback port."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        moto = Path(sys.executable).parent / "moto_server"
-        self.log = (workdir / "moto.log").open("w")
-        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(self.url, timeout=1)
-                return
-            except httpx.TransportError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[MotoServer]:
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)  # the servers started below inherit them
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def store_flags(s3: MotoServer, bucket: str = BUCKET) -> list[str]:
     return ["--image-store", f"s3://{bucket}/served", "--image-store-endpoint", s3.url]
 
