@@ -485,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import decoder as bench_decoder
     from bench import invariance as bench_invariance
     from bench import models as bench_models
+    from bench import sample as bench_sample
     from bench import serve as bench_serve
     from bench import signing as bench_signing
     from bench import soak as bench_soak
@@ -676,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("make-model", bench_models, "a random-weight model directory of a zoo size"),
             ("invariance", bench_invariance, "what batch-invariant decoding costs"),
             ("soak", bench_soak, "server and engine memory under 10 minutes of load"),
+            ("sample", bench_sample, "llamagen sample (1 Ray actor) against generate"),
             ("signing", bench_signing, "C2PA signing time per image, by format and size"),
             ("decoder", bench_decoder, "VQ decode images/s against batch size")):
         b = bench.add_parser(name, help=help_text)

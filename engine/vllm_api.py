@@ -118,6 +118,14 @@ def prepare_environment(settings: EngineSettings, *, in_process: bool) -> None:
             torch.set_num_threads(threads)
 
 
+def share_cpu_cores() -> None:
+    """For several CPU engines in separate processes on one machine's cores (the actors of
+    `llamagen sample`): vLLM binds each engine's threads to the whole NUMA node, stacking
+    them on the same cores; unbound, the OS spreads them."""
+    if not has_cuda():
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+
+
 def cpu_binding(ranks: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's cores in equal
     consecutive shares ("0-7|8-15"; "0|1" on two cores)."""

@@ -1,1 +1,2 @@
-"""Offline jobs: `llamagen sample`, generation at scale on Ray Data (docs/SAMPLING.md)."""
+"""Offline jobs: `llamagen sample`, generation at scale on Ray Data (the README's "Sampling at
+scale")."""

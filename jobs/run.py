@@ -72,8 +72,8 @@ def run(job: SampleJob, items: list[dict[str, Any]], output: Output, execution: 
     manifest = start(output, job)
     planned = shards(items, job.shard_size)
     todo = [i for i in range(len(planned)) if str(i) not in manifest["shards"]]
-    total = sum(_samples(job, shard) for shard in planned)
-    done_before = sum(r["samples"] for r in manifest["shards"].values())
+    total = sum(len(shard) for shard in planned)
+    done_before = sum(_progress(r) for r in manifest["shards"].values())
     progress = Progress(total, done_before, len(todo) < len(planned))
     started = time.monotonic()
     if todo:
@@ -86,17 +86,18 @@ def run(job: SampleJob, items: list[dict[str, Any]], output: Output, execution: 
                 manifest["shards"][str(row["shard"])] = record
                 manifest["order"].append(int(row["shard"]))
                 put_json(output, MANIFEST, manifest)
-                progress.shard_done(record["samples"])
+                progress.shard_done(_progress(record))
         finally:
             ray.shutdown()
     files = finish(job, output, manifest, len(planned), execution.merge)
     seconds = time.monotonic() - started
+    ran = sum(manifest["shards"][str(i)]["samples"] for i in todo)
     summary = {"out": output.url, "kind": job.kind, "shards": len(planned),
                "shards_run": len(todo), "shards_resumed": len(planned) - len(todo),
                "samples": sum(r["samples"] for r in manifest["shards"].values()),
-               "samples_run": progress.done - done_before, "seconds": round(seconds, 2),
-               "samples_per_s": round((progress.done - done_before) / seconds, 3)
-               if seconds > 0 else None, "actors": execution.actors, **files}
+               "samples_run": ran, "seconds": round(seconds, 2),
+               "samples_per_s": round(ran / seconds, 3) if seconds > 0 else None,
+               "actors": execution.actors, **files}
     if job.kind == "batch":
         summary["lines"] = job.items
         summary["failed_lines"] = sum(r["failed_lines"] for r in manifest["shards"].values())
@@ -104,9 +105,9 @@ def run(job: SampleJob, items: list[dict[str, Any]], output: Output, execution: 
     return summary
 
 
-def _samples(job: SampleJob, shard: list[dict[str, Any]]) -> int:
-    # A Batch shard's progress counts lines (their images are known only once checked).
-    return len(shard)
+def _progress(record: dict[str, Any]) -> int:
+    # A Batch run's progress counts lines: its images are known only once lines are checked.
+    return record.get("lines", record["samples"])
 
 
 def _init_ray(execution: Execution) -> None:
@@ -121,10 +122,12 @@ def _init_ray(execution: Execution) -> None:
     env = {"VLLM_LOGGING_LEVEL": "WARNING"} if not execution.verbose else {}
     kwargs: dict[str, Any] = dict(log_to_driver=execution.verbose, configure_logging=False,
                                   runtime_env={"env_vars": env})
-    if execution.address is None:
+    # Inside a Ray job (KubeRay's RayJob, `ray job submit`) RAY_ADDRESS names the cluster.
+    address = execution.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
         kwargs.update(num_cpus=os.cpu_count(), include_dashboard=False)
     else:
-        kwargs["address"] = execution.address
+        kwargs["address"] = address
     ray.init(**kwargs)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from engine.decoding import decode_grids
 from engine.images import ImageWriter
 from engine.offline import OfflineGenerator
 from engine.sampling import SamplingOptions
-from engine.settings import EngineSettings, has_cuda
-from engine.vllm_api import build_llm
+from engine.settings import EngineSettings
+from engine.vllm_api import build_llm, share_cpu_cores
 from jobs.batch import (
     LineError,
     LineRequest,
@@ -50,8 +49,8 @@ class ShardWorker:
         several actors on one machine's cores, where vLLM's binding to the whole NUMA node
         would stack them on the same cores (so the OS places their threads)."""
         self.job = SampleJob.model_validate_json(job)
-        if shared_cores and not has_cuda():
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        if shared_cores:
+            share_cpu_cores()
         self.model = load_model_dir(Path(self.job.model))
         settings = EngineSettings(**{**self.job.engine,
                                      "cpu_threads": self.job.engine.get("cpu_threads")

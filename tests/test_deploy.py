@@ -135,3 +135,43 @@ def test_deploy_metric_names_are_extracted():
     names = deploy_metric_names()
     assert {"llamagen_queue_depth", "vllm:kv_cache_usage_perc",
             "llamagen_request_latency_seconds", "vllm:num_requests_waiting"} <= names
+
+
+def test_rayjob_runs_llamagen_sample_on_gpu_workers():
+    """The KubeRay RayJob: a CRD without an upstream schema, so its pod templates are
+    validated as Kubernetes PodTemplates, its entrypoint by our own argument parser, and
+    its Ray version against the pin."""
+    import shlex
+    import tomllib
+
+    from kubernetes_validate.utils import validate
+
+    from cli.main import build_parser
+
+    (job,) = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "sample" / "rayjob.yaml")
+                                            .read_text()) if d]
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        validate({"apiVersion": "v1", "kind": "PodTemplate",
+                  "metadata": {"name": "check"}, "template": group["template"]},
+                 KUBERNETES_VERSION, strict=True)
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"ray[data]=={cluster['rayVersion']}" in pins
+
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:2] == ["llamagen", "sample"]
+    args = build_parser().parse_args(words[1:])
+    assert args.address == "auto" and args.out.startswith("s3://")
+    (workers,) = cluster["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert args.actors == workers["replicas"] == workers["minReplicas"]
+    assert workers["rayStartParams"]["num-gpus"] == "1"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no engine there
+    assert args.model.startswith("/models/") and all(
+        m["mountPath"] == "/models" for g in groups
+        for m in g["template"]["spec"]["containers"][0]["volumeMounts"]
+        if m["name"] == "models")
+
