@@ -48,6 +48,20 @@ def decode_grids(decoder: VQDecoder, grids: Sequence[Sequence[int]], batch_size:
     return images
 
 
+def encode_images(encoder: VQEncoder, images: Sequence[np.ndarray], batch_size: int = 32
+                  ) -> list[list[int]]:
+    """Offline encoding (`sample`'s edit lines): model-sized uint8 (H, W, 3) images -> their
+    raster-order token grids, in batches padded to `batch_size` (as `decode_grids`, so a
+    near-tie code does not depend on the images encoded beside it)."""
+    grids: list[list[int]] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [torch.from_numpy(np.ascontiguousarray(image))
+                 for image in images[start: start + batch_size]]
+        codes = encoder.encode_uint8(stack_batch(chunk, batch_size))[: len(chunk)]
+        grids += [c.flatten().tolist() for c in codes]
+    return grids
+
+
 class DecoderService:
     def __init__(self, decoder: VQDecoder, *, preview_decoder: VQDecoder | None = None,
                  max_batch_size: int = 32, max_wait_s: float = 0.005,

@@ -7,12 +7,16 @@ A line's body meets the server's own request model and checks (`server.protocol`
 JSON, no `custom_id`, a repeated `custom_id`, another method or URL) gets an `error` and
 no response, as OpenAI's Batch API does. Either way the run goes on.
 
+`/v1/images/edits` lines carry the JSON edit (`images: [{image_url}]`, optional `mask`), as
+the server's JSON route takes it, and are completions as there: the image's top token rows
+(above the mask, or `keep_rows`) are kept and the rest redrawn.
+
 What differs from the server, by necessity: `stream` is refused (a line is answered whole);
 `priority` other than 0 is refused (every line runs; there is no queue to order); a line
 without `response_format` gets `b64_json` (there is no server to fetch a URL from), and
 `response_format: "url"` stores each image beside the run's outputs and answers its
-location (`file://` or `s3://`). `/v1/images/edits` lines are answered with an error:
-they need the server's input-image path, which `sample` does not run.
+location (`file://` or `s3://`). An edit's images must be data: URLs: `sample` fetches no
+URL (no operator allow-list guards a batch job's network access).
 """
 
 from __future__ import annotations
@@ -25,27 +29,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from engine.conditions import Condition
-from engine.images import ImageWriter
+from engine.images import EditSource, ImageWriter
 from engine.sampling import SamplingOptions
 from jobs.job import SEED_MODULUS, SampleJob
 from model_registry.model_dir import ModelDir
 from server.errors import ServiceError, validation_error
-from server.protocol import Image, ImageGenerationRequest, ImagesResponse
+from server.fetch import DataUrl, FetchRefused
+from server.protocol import (
+    Image,
+    ImageEditJSONRequest,
+    ImageGenerationRequest,
+    ImageRef,
+    ImagesResponse,
+)
 from server.serving import (
     check_count,
     check_negative,
     checked_size,
     class_conditions,
+    edit_rows,
     image_usage,
     priority_not_enabled,
+    read_input,
+    rows_above_mask,
 )
+from server.settings import ServerSettings
 from vq_decoder.encoding import IMAGE_FORMATS
+from vq_decoder.inputs import fit_image
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
+# An edit line's input images are held to the server's default limits.
+MAX_INPUT_BYTES = ServerSettings.model_fields["max_upload_bytes"].default
+MAX_INPUT_PIXELS = ServerSettings.model_fields["max_upload_pixels"].default
 
 
 class LineError(Exception):
@@ -62,13 +82,17 @@ class LineRequest:
 
     line: int
     custom_id: str
-    body: ImageGenerationRequest
+    body: ImageGenerationRequest | ImageEditJSONRequest
     options: SamplingOptions
     side: int
     seeds: list[int | None]
     texts: list[str]  # t2i: the prompt, then the negative (encoded by the actor)
     condition: Condition | None = None  # c2i now; t2i once encoded
-    grids: list[list[int]] = field(default_factory=list)
+    # An edit: its input file, and the image fitted to the model's size (encoded by the
+    # actor, whose codes' first kept rows become `prefix`).
+    edit: EditSource | None = None
+    pixels: np.ndarray | None = None
+    prefix: list[int] = field(default_factory=list)
 
 
 def envelope(line: int, job: SampleJob, custom_id: str | None, *,
@@ -107,25 +131,32 @@ def parse_line(text: str, duplicate: bool = False) -> tuple[str, str, dict[str, 
     if record.get("method") != "POST":
         raise LineError("invalid_method", "method: only POST", custom_id)
     url = record.get("url")
-    if url == EDITS:
-        raise LineError("unsupported_url", f"url: {EDITS} lines are not run by llamagen "
-                        "sample (they need the server's input-image path); send them to the "
-                        "server", custom_id)
-    if url != GENERATIONS:
-        raise LineError("invalid_url", f"url: expected {GENERATIONS}", custom_id)
+    if url not in (GENERATIONS, EDITS):
+        raise LineError("invalid_url", f"url: expected {GENERATIONS} or {EDITS}", custom_id)
     body = record.get("body")
     if not isinstance(body, dict):
         raise LineError("invalid_request", "body: a JSON object is required", custom_id)
     return custom_id, url, body
 
 
-def check_request(job: SampleJob, model: ModelDir, line: int, custom_id: str,
+def check_request(job: SampleJob, model: ModelDir, line: int, custom_id: str, url: str,
                   raw: dict[str, Any]) -> LineRequest:
-    """The server's checks, in its order (ServiceError for a 4xx line)."""
+    """The server's checks, in its order (ServiceError for a 4xx line). An edit's image is
+    read and fitted here; the actor encodes it."""
+    edit = url == EDITS
     try:
-        body = ImageGenerationRequest.model_validate_json(json.dumps(raw))
+        body = (ImageEditJSONRequest.model_validate_json(json.dumps(raw), strict=True)
+                if edit else ImageGenerationRequest.model_validate_json(json.dumps(raw)))
     except ValidationError as e:
         raise validation_error(e) from None
+    image = mask = None
+    if isinstance(body, ImageEditJSONRequest):
+        if len(body.images) > 1:
+            raise ServiceError(400, f"images: {len(body.images)} images; an edit here "
+                               "completes one input image", param="images",
+                               code="invalid_value")
+        image = data_url(body.images[0], "images.0")
+        mask = None if body.mask is None else data_url(body.mask, "mask")
     if body.model is not None and body.model not in job.served_names:
         raise ServiceError.model_not_found(body.model, job.served_names)
     if body.stream:
@@ -135,6 +166,7 @@ def check_request(job: SampleJob, model: ModelDir, line: int, custom_id: str,
     if body.priority not in (None, 0):
         raise priority_not_enabled("a batch runs every line; there is no queue to order")
     side = checked_size(body.size, model, job.served_names[0], job.max_output_size, False)
+    keep_rows = edit_rows(getattr(body, "keep_rows", None), mask is not None, model.grid_size)
     try:
         options = body.sampling_options(model.gpt.model_type)
     except ValidationError as e:
@@ -155,7 +187,42 @@ def check_request(job: SampleJob, model: ModelDir, line: int, custom_id: str,
         negative = (None if negatives is None else
                     class_conditions(model, negatives, "negative_prompt", indexed=False)[0])
         request.condition = condition.with_negative(negative)
+    if image is not None:
+        data, picture, media_type = read_reference(image, "images.0.image_url")
+        if mask is not None:
+            _, mask_image, _ = read_reference(mask, "mask.image_url")
+            keep_rows = rows_above_mask(mask_image, picture, model.image_size, model.grid_size)
+        request.edit = EditSource(data, media_type, keep_rows, model.grid_size)
+        request.pixels = fit_image(picture, model.image_size)
     return request
+
+
+def data_url(ref: ImageRef, param: str) -> DataUrl:
+    """An edit's image reference: a data: URL (a 400 for anything else, unread)."""
+    if ref.file_id is not None:
+        raise ServiceError(400, f"{param}.file_id: there is no Files API here; send the "
+                           "image as image_url (a data: URL)", param=f"{param}.file_id",
+                           code="unsupported_file_id")
+    assert ref.image_url is not None
+    if ref.image_url.split(":", 1)[0].lower() != "data":
+        raise ServiceError(400, f"{param}.image_url: llamagen sample fetches no URL; give "
+                           "the image as a data: URL (data:image/png;base64,...)",
+                           param=f"{param}.image_url", code="invalid_image_url")
+    try:
+        return DataUrl.parse(ref.image_url)
+    except FetchRefused as e:
+        raise ServiceError(400, f"{param}.image_url: {e}", param=f"{param}.image_url",
+                           code=e.code) from None
+
+
+def read_reference(source: DataUrl, param: str) -> tuple[bytes, Any, str]:
+    """(the image's bytes, the decoded image, its media type), or a 400."""
+    try:
+        data = source.decode(MAX_INPUT_BYTES)
+    except FetchRefused as e:
+        raise ServiceError(400, f"{param}: {e}", param=param, code=e.code) from None
+    picture, media_type = read_input(data, param, MAX_INPUT_PIXELS)
+    return data, picture, media_type
 
 
 def respond(job: SampleJob, model: ModelDir, request: LineRequest, images: list[Any],
@@ -165,11 +232,13 @@ def respond(job: SampleJob, model: ModelDir, request: LineRequest, images: list[
     body, condition = request.body, request.condition
     assert condition is not None
     writer = ImageWriter(model, request.options, body.output_format, body.output_compression,
-                         None, size=request.side)
+                         None, edit=request.edit, size=request.side)
+    kept = None if request.edit is None else request.edit.kept_rows
     data = []
     for i, (pixels, seed) in enumerate(zip(images, request.seeds, strict=True)):
         encoded = writer.encode(pixels, condition, seed)
-        image = Image(seed=seed, class_label=condition.label, revised_prompt=condition.caption)
+        image = Image(seed=seed, class_label=condition.label, revised_prompt=condition.caption,
+                      kept_rows=kept)
         if body.response_format == "url":
             extension = IMAGE_FORMATS[body.output_format].extension
             where = store.put(f"images/batch-{request.line:06d}-{i}.{extension}", encoded,
@@ -182,6 +251,7 @@ def respond(job: SampleJob, model: ModelDir, request: LineRequest, images: list[
                               output_format=body.output_format,
                               size=f"{request.side}x{request.side}",
                               native_size=f"{model.image_size}x{model.image_size}",
-                              usage=image_usage(model, [condition] * body.n))
+                              usage=image_usage(model, [condition] * body.n,
+                                                len(request.prefix)))
     return envelope(request.line, job, request.custom_id, status=200,
                     body=response.model_dump(exclude_none=True))

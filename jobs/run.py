@@ -117,6 +117,8 @@ def _init_ray(execution: Execution) -> None:
     # and the actors' engine logs (in Ray's session logs) would bury them.
     logging.getLogger("ray").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
+    if not execution.verbose:  # Ray Data sets its own level (INFO) when it is imported
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     env = {"VLLM_LOGGING_LEVEL": "WARNING"} if not execution.verbose else {}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.conditions import Condition
-from engine.decoding import decode_grids
+from engine.decoding import decode_grids, encode_images
 from engine.images import ImageWriter
 from engine.offline import OfflineGenerator
 from engine.sampling import SamplingOptions
@@ -34,6 +34,7 @@ from jobs.job import SampleJob
 from jobs.outputs import open_output, shard_name
 from model_registry.model_dir import load_model_dir
 from server.errors import ServiceError
+from vq_decoder.encoder import VQEncoder
 from vq_decoder.encoding import IMAGE_FORMATS
 
 log = logging.getLogger("llamagen.sample")
@@ -57,6 +58,7 @@ class ShardWorker:
                                      or cpu_threads})
         self.generator = OfflineGenerator(self.model, build_llm(self.model, settings))
         self.decoder = self.model.vq_decoder()
+        self._encoder: VQEncoder | None = None  # edits' images, built at the first edit
         self.output = open_output(out, endpoint_url)
         self.options = SamplingOptions.resolve(self.model.gpt.model_type, **self.job.sampling)
         self.writer = ImageWriter(self.model, self.options, self.job.image_format,  # type: ignore[arg-type]
@@ -72,6 +74,12 @@ class ShardWorker:
             shards.append(int(shard))
             records.append(json.dumps(record))
         return {"shard": shards, "record": records}
+
+    @property
+    def encoder(self) -> VQEncoder:
+        if self._encoder is None:
+            self._encoder = self.model.vq_encoder()
+        return self._encoder
 
     # ---- classes and captions: samples to .npz shards and/or image files ----
 
@@ -110,8 +118,9 @@ class ShardWorker:
         for item in items:
             number, custom_id = item["line"], None
             try:
-                custom_id, _, body = parse_line(item["text"], item.get("duplicate", False))
-                requests.append(check_request(self.job, self.model, number, custom_id, body))
+                custom_id, url, body = parse_line(item["text"], item.get("duplicate", False))
+                requests.append(check_request(self.job, self.model, number, custom_id, url,
+                                              body))
             except LineError as e:
                 lines[number] = envelope(number, self.job, e.custom_id, error=e)
             except ServiceError as e:
@@ -122,12 +131,22 @@ class ShardWorker:
             for r in requests:
                 r.condition = encoded[r.texts[0]].with_negative(
                     encoded[r.texts[1]] if len(r.texts) > 1 else None)
+        edits = [r for r in requests if r.edit is not None]
+        if edits:
+            grid = self.model.grid_size
+            codes = encode_images(self.encoder, [r.pixels for r in edits],  # type: ignore[misc]
+                                  self.job.decode_batch)
+            for r, code in zip(edits, codes, strict=True):
+                assert r.edit is not None
+                r.prefix = code[: r.edit.kept_rows * grid]
         conditions = [r.condition for r in requests for _ in range(r.body.n)]
         options = [r.options for r in requests for _ in range(r.body.n)]
+        prefixes = [r.prefix for r in requests for _ in range(r.body.n)]
         seeds = [s for r in requests for s in r.seeds]
         images = 0
         if conditions:
-            grids, _ = self.generator.generate(conditions, options, seeds=seeds)  # type: ignore[arg-type]
+            grids, _ = self.generator.generate(conditions, options, prefixes,  # type: ignore[arg-type]
+                                               seeds=seeds)
             pixels = decode_grids(self.decoder, grids, self.job.decode_batch)
             for r in requests:
                 mine, pixels = pixels[: r.body.n], pixels[r.body.n:]

@@ -481,23 +481,12 @@ class ServingEdits(ServingImages):
         self.set_priority(body.priority)
         size = self.output_size(body.size)
         grid = self.model.grid_size
-        if mask is not None and body.keep_rows is not None:
-            raise ServiceError(400, "keep_rows: give a mask or keep_rows, not both",
-                               param="keep_rows", code="invalid_value")
-        keep_rows = grid // 2 if body.keep_rows is None else body.keep_rows
-        if keep_rows >= grid:
-            raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
-                               "rows; at least one is redrawn)", param="keep_rows",
-                               code="invalid_value")
+        keep_rows = edit_rows(body.keep_rows, mask is not None, grid)
         self.check_condition(body)
         data, picture, media_type = await self._read(image, params[0])
         if mask is not None:
             _, mask_image, _ = await self._read(mask, params[1])
-            if mask_image.size != picture.size:
-                raise ServiceError(400, f"mask: it is {mask_image.width}x{mask_image.height}"
-                                   f", the image {picture.width}x{picture.height}; they must "
-                                   "match", param="mask", code="invalid_mask")
-            keep_rows = await asyncio.to_thread(self._rows_above_mask, mask_image,
+            keep_rows = await asyncio.to_thread(rows_above_mask, mask_image, picture,
                                                 self.model.image_size, grid)
         pixels = await asyncio.to_thread(fit_image, picture, self.model.image_size)
         self.configure(body, body.output_format, body.output_compression,
@@ -582,24 +571,9 @@ class ServingEdits(ServingImages):
             data = await source.read(self.state.settings.max_upload_bytes)
         except FetchRefused as e:
             raise ServiceError(400, f"{param}: {e}", param=param, code=e.code) from None
-        try:
-            image, spec = await asyncio.to_thread(
-                read_image, data, max_pixels=self.state.settings.max_upload_pixels)
-        except ImageInputError as e:
-            raise ServiceError(400, f"{param}: {e}", param=param, code="invalid_image") from None
-        return data, image, spec.media_type
-
-    @staticmethod
-    def _rows_above_mask(mask: PILImage, size: int, grid: int) -> int:
-        try:
-            redrawn = mask_redrawn(mask, size)
-        except ImageInputError as e:
-            raise ServiceError(400, f"mask: {e}", param="mask", code="invalid_mask") from None
-        rows = np.flatnonzero(redrawn.any(axis=1))
-        if rows.size == 0:
-            raise ServiceError(400, "mask: no fully transparent pixel, so nothing to redraw",
-                               param="mask", code="invalid_mask")
-        return int(rows[0]) // (size // grid)
+        image, media_type = await asyncio.to_thread(
+            read_input, data, param, self.state.settings.max_upload_pixels)
+        return data, image, media_type
 
 
 class ServingVariations(ServingEdits):
@@ -715,6 +689,48 @@ class ServingNative(ServingRequest):
 
 
 # ---- the checks a request meets, shared with `llamagen sample`'s Batch lines ----
+
+def edit_rows(keep_rows: int | None, masked: bool, grid: int) -> int:
+    """The token rows an edit keeps from the top: `keep_rows`, or half the grid (a mask's
+    rows replace them, `rows_above_mask`); a 400 for keep_rows beside a mask, or for one
+    that leaves nothing to redraw."""
+    if masked and keep_rows is not None:
+        raise ServiceError(400, "keep_rows: give a mask or keep_rows, not both",
+                           param="keep_rows", code="invalid_value")
+    rows = grid // 2 if keep_rows is None else keep_rows
+    if rows >= grid:
+        raise ServiceError(400, f"keep_rows: at most {grid - 1} (the grid has {grid} "
+                           "rows; at least one is redrawn)", param="keep_rows",
+                           code="invalid_value")
+    return rows
+
+
+def read_input(data: bytes, param: str, max_pixels: int) -> tuple[PILImage, str]:
+    """An input image's bytes -> (the decoded image, its media type), or a 400."""
+    try:
+        image, spec = read_image(data, max_pixels=max_pixels)
+    except ImageInputError as e:
+        raise ServiceError(400, f"{param}: {e}", param=param, code="invalid_image") from None
+    return image, spec.media_type
+
+
+def rows_above_mask(mask: PILImage, image: PILImage, size: int, grid: int) -> int:
+    """The token rows above the first one the mask redraws (its fully transparent pixels,
+    at the model's `size`), or a 400."""
+    if mask.size != image.size:
+        raise ServiceError(400, f"mask: it is {mask.width}x{mask.height}, the image "
+                           f"{image.width}x{image.height}; they must match", param="mask",
+                           code="invalid_mask")
+    try:
+        redrawn = mask_redrawn(mask, size)
+    except ImageInputError as e:
+        raise ServiceError(400, f"mask: {e}", param="mask", code="invalid_mask") from None
+    rows = np.flatnonzero(redrawn.any(axis=1))
+    if rows.size == 0:
+        raise ServiceError(400, "mask: no fully transparent pixel, so nothing to redraw",
+                           param="mask", code="invalid_mask")
+    return int(rows[0]) // (size // grid)
+
 
 def check_count(n: int, limit: int, param: str) -> None:
     if n > limit:

@@ -8,6 +8,7 @@ line each; bad flags and inputs are one line and exit 2 before anything starts."
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -25,12 +26,15 @@ import pytest
 from openai.types import ImagesResponse
 from PIL import Image
 
+from engine.decoding import encode_images
 from model_registry.demo import DEMO_MODEL
 from model_registry.model_dir import load_model_dir
+from vq_decoder.encoding import read_metadata
 
 from .helpers import BUCKET, MotoServer, assert_one_line_error, assert_openai, free_port, run_cli
 
 SAMPLES, SHARD = 96, 8
+EDITS = "/v1/images/edits"
 RUN_FLAGS = ["--num-samples", str(SAMPLES), "--labels", "balanced", "--shard-size", str(SHARD),
              "--seed", "5", "--outputs", "npz", "images", "--merge"]
 
@@ -83,7 +87,31 @@ def uninterrupted(ray_address: str, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def test_npz_equals_generate_pixel_for_pixel(uninterrupted: Path, tmp_path: Path):
+EDITED, EDIT_LABEL, EDIT_ROWS = 3, 5, 3  # a Batch edit line: sample 3, completed as class 5
+
+
+@pytest.fixture(scope="module")
+def generated(uninterrupted: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """One `llamagen generate` of the run's labels with the run's seed (image i: seed 5 + i),
+    then one more image: class EDIT_LABEL completing the first EDIT_ROWS token rows of
+    sample EDITED's PNG (what the Batch test's edit line asks for, with seed 5 + SAMPLES)."""
+    model = load_model_dir(DEMO_MODEL)
+    labels = npz(uninterrupted / "samples.npz")["labels"].tolist()
+    source = png_pixels(uninterrupted / "images" / f"{EDITED:06d}_{labels[EDITED]}.png")
+    codes = encode_images(model.vq_encoder(), [source])[0][: EDIT_ROWS * model.grid_size]
+    out = tmp_path_factory.mktemp("generated")
+    (out / "prefixes.json").write_text(json.dumps([[]] * SAMPLES + [codes]))
+    result = run_cli("generate", "--labels", *map(str, [*labels, EDIT_LABEL]), "--seed", "5",
+                     "--prefix-tokens", str(out / "prefixes.json"), "--out-dir",
+                     str(out / "images"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = sorted((out / "images").glob("*.png"))
+    assert len(paths) == SAMPLES + 1
+    return paths
+
+
+def test_npz_equals_generate_pixel_for_pixel(uninterrupted: Path, generated: list[Path],
+                                             tmp_path: Path):
     merged = npz(uninterrupted / "samples.npz")
     model = load_model_dir(DEMO_MODEL)
     classes = model.gpt.num_classes
@@ -97,13 +125,8 @@ def test_npz_equals_generate_pixel_for_pixel(uninterrupted: Path, tmp_path: Path
     assert np.array_equal(first["arr_0"], merged["arr_0"][SHARD: 2 * SHARD])
 
     # `generate` over all the labels with the run's seed: the same pixels.
-    out = tmp_path / "generated"
-    result = run_cli("generate", "--labels", *map(str, merged["labels"]), "--seed", "5",
-                     "--out-dir", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    paths = sorted(out.glob("*.png"))
-    assert len(paths) == SAMPLES
-    equal = [np.array_equal(png_pixels(p), merged["arr_0"][i]) for i, p in enumerate(paths)]
+    equal = [np.array_equal(png_pixels(p), merged["arr_0"][i])
+             for i, p in enumerate(generated[:SAMPLES])]
     assert all(equal), f"{equal.count(False)} samples differ from generate's"
     assert not np.array_equal(merged["arr_0"][0], merged["arr_0"][classes])  # seeds matter
 
@@ -174,9 +197,31 @@ def batch_line(custom_id: str, body: dict, url: str = "/v1/images/generations") 
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
 
 
-def test_batch_file_answers_every_line(uninterrupted: Path, ray_address: str, tmp_path: Path):
+def edit_line(custom_id: str, image: str, **body: object) -> str:
+    return batch_line(custom_id, {"images": [{"image_url": image}], **body}, EDITS)
+
+
+def data_url(data: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(data).decode()}"
+
+
+def mask_from_row(side: int, first_y: int) -> bytes:
+    """RGBA: opaque above `first_y`, fully transparent (redrawn) from it down."""
+    alpha = np.full((side, side), 255, np.uint8)
+    alpha[first_y:] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([np.zeros((side, side, 3), np.uint8), alpha]), "RGBA").save(
+        buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_batch_file_answers_every_line(uninterrupted: Path, generated: list[Path],
+                                       ray_address: str, tmp_path: Path):
     model = load_model_dir(DEMO_MODEL)
     name = model.class_names[3]
+    (path,) = (uninterrupted / "images").glob(f"{EDITED:06d}_*.png")
+    source = path.read_bytes()  # an edit's input
+    side = model.image_size
     lines = [
         batch_line("same-as-sample-3", {"prompt": name, "seed": 8, "model": model.name}),
         "{not json",
@@ -185,21 +230,32 @@ def test_batch_file_answers_every_line(uninterrupted: Path, ray_address: str, tm
         batch_line("unknown-class", {"prompt": "no such class"}),
         batch_line("two", {"prompt": "2"}),  # a repeated custom_id
         batch_line("too-many", {"prompt": "2", "n": 11}),
-        batch_line("edit", {"prompt": "2"}, url="/v1/images/edits"),
+        edit_line("edit", data_url(source), prompt=model.class_names[EDIT_LABEL],
+                  keep_rows=EDIT_ROWS, seed=5 + SAMPLES),
         batch_line("stream", {"prompt": "2", "stream": True}),
         batch_line("bad-size", {"prompt": "2", "size": "64x32"}),
         batch_line("wrong-model", {"prompt": "2", "model": "dall-e-3"}),
         batch_line("no-seed", {"prompt": "4", "negative_prompt": "5", "size": "128x128"}),
         batch_line("negative-unguided", {"prompt": "4", "negative_prompt": "5",
                                          "cfg_scale": 1.0}),
+        # Edits: a mask's rows (its first transparent row is 35 of 64: token row 4 of 8).
+        edit_line("edit-mask", data_url(source), prompt="6", n=2,
+                  mask={"image_url": data_url(mask_from_row(side, 35))}),
+        edit_line("edit-http", "http://127.0.0.1:9/x.png", prompt="6"),
+        batch_line("edit-file-id", {"images": [{"file_id": "file-1"}], "prompt": "6"}, EDITS),
+        edit_line("edit-mask-and-rows", data_url(source), prompt="6", keep_rows=2,
+                  mask={"image_url": data_url(mask_from_row(side, 35))}),
+        edit_line("edit-not-an-image", data_url(b"GIF89a not really"), prompt="6"),
+        edit_line("edit-wrong-mask", data_url(source), prompt="6",
+                  mask={"image_url": data_url(mask_from_row(side // 2, 8))}),
     ]
-    source = tmp_path / "requests.jsonl"
-    source.write_text("\n".join(lines) + "\n")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
     out = tmp_path / "batch"
-    summary = sample("--batch-input", str(source), "--out", str(out), "--shard-size", "5",
+    summary = sample("--batch-input", str(requests), "--out", str(out), "--shard-size", "5",
                      address=ray_address)
-    assert summary["lines"] == len(lines) and summary["samples"] == 4
-    assert summary["failed_lines"] == 10
+    assert summary["lines"] == len(lines) and summary["samples"] == 7
+    assert summary["failed_lines"] == 14
     output = [json.loads(line) for line in (out / "output.jsonl").read_text().splitlines()]
     assert len(output) == len(lines)
     assert len({o["id"] for o in output}) == len(lines)
@@ -223,8 +279,23 @@ def test_batch_file_answers_every_line(uninterrupted: Path, ray_address: str, tm
     assert no_seed["size"] == "128x128" and no_seed["native_size"] == "64x64"
     assert no_seed["data"][0]["seed"] == 11 * 10  # run seed 0 + line 11 x 10 images a line
 
+    # An edit line completes its image as `generate` completes the same codes.
+    edit = by_id["edit"]["response"]["body"]
+    assert_openai(edit, ImagesResponse)
+    assert edit["data"][0]["kept_rows"] == EDIT_ROWS
+    grid = model.grid_size
+    assert edit["usage"]["input_tokens_details"] == {"text_tokens": 1,
+                                                     "image_tokens": EDIT_ROWS * grid}
+    edited = base64.b64decode(edit["data"][0]["b64_json"])
+    assert np.array_equal(png_pixels(edited), png_pixels(generated[SAMPLES]))
+    record = read_metadata(edited)
+    assert record["edit"] == {"kept_rows": EDIT_ROWS, "grid_rows": grid,
+                              "source_sha256": hashlib.sha256(source).hexdigest()}
+    assert record["seed"] == 5 + SAMPLES and record["class_label"] == EDIT_LABEL
+    masked = by_id["edit-mask"]["response"]["body"]["data"]
+    assert [d["kept_rows"] for d in masked] == [4, 4] and masked[0]["seed"] != masked[1]["seed"]
+
     errors = {o["custom_id"]: o for o in output if o["error"] is not None}
-    assert errors["edit"]["error"]["code"] == "unsupported_url"
     assert errors["two"]["error"]["code"] == "duplicate_custom_id"
     assert sorted(o["error"]["code"] for o in output if o["custom_id"] is None) == [
         "invalid_json", "missing_custom_id"]
@@ -233,7 +304,12 @@ def test_batch_file_answers_every_line(uninterrupted: Path, ray_address: str, tm
     assert statuses == {"unknown-class": (400, "prompt"), "too-many": (400, "n"),
                         "stream": (400, "stream"), "bad-size": (400, "size"),
                         "wrong-model": (404, "model"),
-                        "negative-unguided": (400, "negative_prompt")}
+                        "negative-unguided": (400, "negative_prompt"),
+                        "edit-http": (400, "images.0.image_url"),
+                        "edit-file-id": (400, "images.0.file_id"),
+                        "edit-mask-and-rows": (400, "keep_rows"),
+                        "edit-not-an-image": (400, "images.0.image_url"),
+                        "edit-wrong-mask": (400, "mask")}
     for o in output:
         if o["response"] is not None and o["response"]["status_code"] != 200:
             envelope = o["response"]["body"]["error"]
@@ -257,3 +333,40 @@ def test_bad_flags_and_inputs_are_one_line(args: list[str], message: str, tmp_pa
     result = run_cli("sample", *[paths.get(a, a) for a in args])
     assert_one_line_error(result, message.replace("LABELS", paths["LABELS"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_become_items(tmp_path: Path):
+    """Labels, captions and Batch lines as the run's items, without Ray or an engine."""
+    from jobs.job import InputError, batch_items, caption_items, class_items
+
+    model = load_model_dir(DEMO_MODEL)
+    classes = model.gpt.num_classes
+    uniform = class_items(model, 500, "uniform", seed=3)
+    assert [item["index"] for item in uniform] == list(range(500))
+    labels = [item["label"] for item in uniform]
+    assert set(labels) == set(range(classes))  # every class drawn, from the run's seed
+    assert class_items(model, 500, "uniform", seed=3) == uniform
+    assert [i["label"] for i in class_items(model, 500, "uniform", seed=4)] != labels
+    balanced = [item["label"] for item in class_items(model, 25, "balanced", seed=3)]
+    assert [balanced.count(c) for c in range(classes)] == [3] * 5 + [2] * 5
+
+    (tmp_path / "labels.txt").write_text(f"3\n\n{model.class_names[7].upper()}\n")
+    assert class_items(model, 0, "uniform", 0, str(tmp_path / "labels.txt")) == [
+        {"index": 0, "label": 3}, {"index": 1, "label": 7}]
+
+    (tmp_path / "captions.txt").write_text("a red circle\n\n  a blue square  \n")
+    assert caption_items(str(tmp_path / "captions.txt")) == [
+        {"index": 0, "caption": "a red circle"}, {"index": 1, "caption": "a blue square"}]
+    (tmp_path / "captions.jsonl").write_text(
+        '{"caption": "one"}\n{"prompt": "two", "id": 7}\n')
+    assert [i["caption"] for i in caption_items(str(tmp_path / "captions.jsonl"))] == [
+        "one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"caption": "one"}\n{"caption": 3}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: expected a non-empty"):
+        caption_items(str(tmp_path / "bad.jsonl"))
+
+    (tmp_path / "batch.jsonl").write_text("\n".join([
+        batch_line("a", {"prompt": "1"}), "not json", batch_line("a", {"prompt": "2"})]))
+    items = batch_items(str(tmp_path / "batch.jsonl"))
+    assert [i["line"] for i in items] == [0, 1, 2]
+    assert [i.get("duplicate", False) for i in items] == [False, False, True]
