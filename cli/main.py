@@ -236,6 +236,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     try:
         settings = model_from_flags(EngineSettings, args)
         given = model_from_flags(SamplingOptions, args).model_dump(exclude_unset=True)
+        execution = Execution(actors=args.actors, address=args.address,
+                              cpus_per_actor=args.cpus_per_actor,
+                              gpus_per_actor=args.gpus_per_actor,
+                              endpoint_url=args.store_endpoint, merge=args.merge,
+                              verbose=args.verbose)
     except ValidationError as e:
         raise UsageError(_one_line(e)) from None
     seed = given.pop("seed", None)
@@ -274,10 +279,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     image_format=args.format, compression=args.compression,
                     shard_size=args.shard_size, decode_batch=args.decode_batch,
                     items=len(items), items_sha256=digest(items))
-    execution = Execution(actors=args.actors, address=args.address,
-                          cpus_per_actor=args.cpus_per_actor,
-                          gpus_per_actor=args.gpus_per_actor, endpoint_url=args.store_endpoint,
-                          merge=args.merge, verbose=args.verbose)
     try:
         summary = run(job, items, output, execution)
     except RunMismatch as e:
@@ -562,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--caption-file", metavar="FILE", help="text models: one caption per "
                         "line, or JSONL with a \"caption\" (or \"prompt\") each")
     inputs.add_argument("--batch-input", metavar="FILE", help="an OpenAI Batch input file "
-                        "(/v1/images/generations lines); writes output.jsonl")
+                        "(/v1/images/generations and /v1/images/edits lines, edits' images as data: "
+                        "URLs); writes output.jsonl")
     p.add_argument("--out", required=True, help="a directory or s3://bucket/prefix; a run "
                    "there with the same flags is resumed")
     p.add_argument("--store-endpoint", metavar="URL", help="S3-compatible endpoint for an "

@@ -21,11 +21,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from jobs.job import SampleJob, shards
 from jobs.outputs import MANIFEST, RUN, Output, get_json, put_json, shard_name
@@ -35,14 +35,15 @@ class RunMismatch(ValueError):
     """--out holds another run."""
 
 
-@dataclass
-class Execution:
+class Execution(BaseModel):
     """Where and how wide the run goes (not part of the job: a resumed run may differ)."""
 
-    actors: int = 1
+    actors: int = Field(1, ge=1)
     address: str | None = None  # None: a local Ray instance, started and stopped here
-    cpus_per_actor: float | None = None  # None: this machine's cores / actors (local)
-    gpus_per_actor: float | None = None  # None: tensor_parallel_size where Ray sees GPUs
+    # None: this machine's cores / actors (local)
+    cpus_per_actor: float | None = Field(None, gt=0)
+    # None: tensor_parallel_size where Ray sees GPUs
+    gpus_per_actor: float | None = Field(None, ge=0)
     endpoint_url: str | None = None
     merge: bool = False
     verbose: bool = False

@@ -324,6 +324,7 @@ def test_batch_file_answers_every_line(uninterrupted: Path, generated: list[Path
     (["--label-file", "LABELS", "--out", "OUT"], "LABELS:2: "),
     (["--label-file", "MISSING", "--out", "OUT"], "No such file"),
     (["--num-samples", "4", "--out", "http://example.com/x"], "a directory or s3://"),
+    (["--num-samples", "4", "--actors", "0", "--out", "OUT"], "--actors: "),
 ])
 def test_bad_flags_and_inputs_are_one_line(args: list[str], message: str, tmp_path: Path):
     (tmp_path / "captions.txt").write_text("a red circle\n")
