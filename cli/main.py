@@ -563,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--caption-file", metavar="FILE", help="text models: one caption per "
                         "line, or JSONL with a \"caption\" (or \"prompt\") each")
     inputs.add_argument("--batch-input", metavar="FILE", help="an OpenAI Batch input file "
-                        "(/v1/images/generations and /v1/images/edits lines, edits' images as data: "
-                        "URLs); writes output.jsonl")
+                        "(/v1/images/generations and /v1/images/edits lines, edits' images as "
+                        "data: URLs); writes output.jsonl")
     p.add_argument("--out", required=True, help="a directory or s3://bucket/prefix; a run "
                    "there with the same flags is resumed")
     p.add_argument("--store-endpoint", metavar="URL", help="S3-compatible endpoint for an "
