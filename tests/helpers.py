@@ -187,6 +187,25 @@ def assert_openai(payload: dict, sdk_type: type) -> object:
     return sdk_type.model_validate(payload, strict=True)
 
 
+def png_bytes(pixels: np.ndarray, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def mask_from_row(width: int, height: int, first_y: int) -> bytes:
+    """An edit's mask, RGBA PNG: opaque above `first_y`, fully transparent (redrawn) from it
+    down."""
+    alpha = np.full((height, width), 255, np.uint8)
+    alpha[first_y:] = 0
+    rgba = np.dstack([np.zeros((height, width, 3), np.uint8), alpha])
+    return png_bytes(rgba, "RGBA")
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
 def sse_payloads(response: httpx.Response) -> list[dict]:
     """The JSON of every event of a streamed response."""
     return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]

@@ -31,7 +31,16 @@ from model_registry.demo import DEMO_MODEL
 from model_registry.model_dir import load_model_dir
 from vq_decoder.encoding import read_metadata
 
-from .helpers import BUCKET, MotoServer, assert_one_line_error, assert_openai, free_port, run_cli
+from .helpers import (
+    BUCKET,
+    MotoServer,
+    assert_one_line_error,
+    assert_openai,
+    data_url,
+    free_port,
+    mask_from_row,
+    run_cli,
+)
 
 SAMPLES, SHARD = 96, 8
 EDITS = "/v1/images/edits"
@@ -201,20 +210,6 @@ def edit_line(custom_id: str, image: str, **body: object) -> str:
     return batch_line(custom_id, {"images": [{"image_url": image}], **body}, EDITS)
 
 
-def data_url(data: bytes) -> str:
-    return f"data:image/png;base64,{base64.b64encode(data).decode()}"
-
-
-def mask_from_row(side: int, first_y: int) -> bytes:
-    """RGBA: opaque above `first_y`, fully transparent (redrawn) from it down."""
-    alpha = np.full((side, side), 255, np.uint8)
-    alpha[first_y:] = 0
-    buffer = io.BytesIO()
-    Image.fromarray(np.dstack([np.zeros((side, side, 3), np.uint8), alpha]), "RGBA").save(
-        buffer, "PNG")
-    return buffer.getvalue()
-
-
 def test_batch_file_answers_every_line(uninterrupted: Path, generated: list[Path],
                                        ray_address: str, tmp_path: Path):
     model = load_model_dir(DEMO_MODEL)
@@ -240,14 +235,14 @@ def test_batch_file_answers_every_line(uninterrupted: Path, generated: list[Path
                                          "cfg_scale": 1.0}),
         # Edits: a mask's rows (its first transparent row is 35 of 64: token row 4 of 8).
         edit_line("edit-mask", data_url(source), prompt="6", n=2,
-                  mask={"image_url": data_url(mask_from_row(side, 35))}),
+                  mask={"image_url": data_url(mask_from_row(side, side, 35))}),
         edit_line("edit-http", "http://127.0.0.1:9/x.png", prompt="6"),
         batch_line("edit-file-id", {"images": [{"file_id": "file-1"}], "prompt": "6"}, EDITS),
         edit_line("edit-mask-and-rows", data_url(source), prompt="6", keep_rows=2,
-                  mask={"image_url": data_url(mask_from_row(side, 35))}),
+                  mask={"image_url": data_url(mask_from_row(side, side, 35))}),
         edit_line("edit-not-an-image", data_url(b"GIF89a not really"), prompt="6"),
         edit_line("edit-wrong-mask", data_url(source), prompt="6",
-                  mask={"image_url": data_url(mask_from_row(side // 2, 8))}),
+                  mask={"image_url": data_url(mask_from_row(side // 2, side // 2, 8))}),
     ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")

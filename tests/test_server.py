@@ -27,10 +27,13 @@ from .helpers import (
     ServerProcess,
     assert_openai,
     assert_pixels_close,
+    data_url,
     decode_b64,
     deploy_metric_names,
+    mask_from_row,
     metric,
     pixels_close,
+    png_bytes,
     read_credentials,
     sse_payloads,
     tiny_config,
@@ -438,20 +441,6 @@ def test_dropped_client_is_aborted_in_vllm(server):
 
 # ---- edits: completion of an input image ----
 
-def png_bytes(pixels: np.ndarray, mode: str = "RGB", fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode=mode).save(buf, fmt)
-    return buf.getvalue()
-
-
-def mask_from_row(width: int, height: int, first_y: int) -> bytes:
-    """RGBA: opaque above `first_y`, fully transparent from it down."""
-    alpha = np.full((height, width), 255, np.uint8)
-    alpha[first_y:] = 0
-    rgba = np.dstack([np.zeros((height, width, 3), np.uint8), alpha])
-    return png_bytes(rgba, "RGBA")
-
-
 def input_codes(served_model, pixels: np.ndarray) -> list[int]:
     """What the server's encoder makes of a model-sized image (in its batch of 4)."""
     import torch
@@ -828,10 +817,6 @@ def test_responses_and_events_match_openais_schema(server, source_image):
     assert_openai(variation, types.ImagesResponse)
 
 
-def _data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
-
-
 def test_json_edit_with_a_data_url_equals_the_multipart_edit(server, source_image):
     """OpenAI's JSON edits (images by reference): a data: URL gives exactly the image the
     same multipart edit gives."""
@@ -839,7 +824,7 @@ def test_json_edit_with_a_data_url_equals_the_multipart_edit(server, source_imag
     options = {"prompt": "blue square", "keep_rows": 6, "temperature": 0,
                "response_format": "b64_json"}
     as_json = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60,
-                         json={**options, "images": [{"image_url": _data_url(data)}]})
+                         json={**options, "images": [{"image_url": data_url(data)}]})
     as_form = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60,
                          files={"image": ("in.png", data, "image/png")},
                          data={k: str(v) for k, v in options.items()})
@@ -849,8 +834,8 @@ def test_json_edit_with_a_data_url_equals_the_multipart_edit(server, source_imag
     assert read_metadata(a[1])["edit"] == read_metadata(b[1])["edit"]
     # A mask by reference as well.
     masked = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=60, json={
-        "prompt": "3", "images": [{"image_url": _data_url(data)}],
-        "mask": {"image_url": _data_url(mask_from_row(256, 256, 160))}})
+        "prompt": "3", "images": [{"image_url": data_url(data)}],
+        "mask": {"image_url": data_url(mask_from_row(256, 256, 160))}})
     assert masked.status_code == 200 and masked.json()["data"][0]["kept_rows"] == 10
 
 
@@ -942,7 +927,7 @@ def test_image_urls_are_fetched_only_where_allowed(server, source_image):
         assert "/v1/models" not in " ".join(host.paths)
         error = error_of(edit(images=[{"file_id": "file-abc"}]), 400)
         assert error["param"] == "images.0.file_id" and "Files API" in error["message"]
-        two = [{"image_url": _data_url(source_image[0])}] * 2
+        two = [{"image_url": data_url(source_image[0])}] * 2
         assert error_of(edit(images=two), 400)["param"] == "images"
         # Checked before anything is fetched: a bad field refuses the request at once.
         seen = len(host.paths)
@@ -1010,7 +995,7 @@ def test_huge_numbers_get_our_message(server, source_image):
         error = error_of(response, 400)
         assert error["param"] == param and "4300" not in error["message"], error
     response = httpx.post(f"{server.url}/v1/images/edits", headers=AUTH, timeout=30, json={
-        "prompt": "9" * 32000, "images": [{"image_url": _data_url(source_image[0])}]})
+        "prompt": "9" * 32000, "images": [{"image_url": data_url(source_image[0])}]})
     error = error_of(response, 400)
     assert error["param"] == "prompt" and "out of range" in error["message"], error
 
