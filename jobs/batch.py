@@ -43,7 +43,6 @@ from server.protocol import (
     Image,
     ImageEditJSONRequest,
     ImageGenerationRequest,
-    ImageRef,
     ImagesResponse,
 )
 from server.serving import (
@@ -51,6 +50,7 @@ from server.serving import (
     check_negative,
     checked_size,
     class_conditions,
+    edit_references,
     edit_rows,
     image_usage,
     priority_not_enabled,
@@ -151,12 +151,7 @@ def check_request(job: SampleJob, model: ModelDir, line: int, custom_id: str, ur
         raise validation_error(e) from None
     image = mask = None
     if isinstance(body, ImageEditJSONRequest):
-        if len(body.images) > 1:
-            raise ServiceError(400, f"images: {len(body.images)} images; an edit here "
-                               "completes one input image", param="images",
-                               code="invalid_value")
-        image = data_url(body.images[0], "images.0")
-        mask = None if body.mask is None else data_url(body.mask, "mask")
+        image, mask = edit_references(body, data_url)
     if body.model is not None and body.model not in job.served_names:
         raise ServiceError.model_not_found(body.model, job.served_names)
     if body.stream:
@@ -197,22 +192,12 @@ def check_request(job: SampleJob, model: ModelDir, line: int, custom_id: str, ur
     return request
 
 
-def data_url(ref: ImageRef, param: str) -> DataUrl:
-    """An edit's image reference: a data: URL (a 400 for anything else, unread)."""
-    if ref.file_id is not None:
-        raise ServiceError(400, f"{param}.file_id: there is no Files API here; send the "
-                           "image as image_url (a data: URL)", param=f"{param}.file_id",
-                           code="unsupported_file_id")
-    assert ref.image_url is not None
-    if ref.image_url.split(":", 1)[0].lower() != "data":
-        raise ServiceError(400, f"{param}.image_url: llamagen sample fetches no URL; give "
-                           "the image as a data: URL (data:image/png;base64,...)",
-                           param=f"{param}.image_url", code="invalid_image_url")
-    try:
-        return DataUrl.parse(ref.image_url)
-    except FetchRefused as e:
-        raise ServiceError(400, f"{param}.image_url: {e}", param=f"{param}.image_url",
-                           code=e.code) from None
+def data_url(url: str) -> DataUrl:
+    """An edit's image reference, which must be a data: URL (FetchRefused otherwise)."""
+    if url.split(":", 1)[0].lower() != "data":
+        raise FetchRefused("llamagen sample fetches no URL; give the image as a data: URL "
+                           "(data:image/png;base64,...)")
+    return DataUrl.parse(url)
 
 
 def read_reference(source: DataUrl, param: str) -> tuple[bytes, Any, str]:

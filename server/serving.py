@@ -451,27 +451,9 @@ class ServingEdits(ServingImages):
             body = ImageEditJSONRequest.model_validate_json(raw, strict=True)
         except ValidationError as e:
             raise validation_error(e) from None
-        if len(body.images) > 1:
-            raise ServiceError(400, f"images: {len(body.images)} images; an edit here "
-                               "completes one input image", param="images",
-                               code="invalid_value")
-        image = self._reference(body.images[0], "images.0")
-        mask = None if body.mask is None else self._reference(body.mask, "mask")
+        image, mask = edit_references(body, self.state.fetch_policy.source)
         return await self.create(body, image, mask,
                                  params=("images.0.image_url", "mask.image_url"))
-
-    def _reference(self, ref: ImageRef, param: str) -> ImageSource:
-        """A JSON image reference, checked without fetching it."""
-        if ref.file_id is not None:
-            raise ServiceError(400, f"{param}.file_id: this server has no Files API; send "
-                               "the image as image_url (a data: URL)",
-                               param=f"{param}.file_id", code="unsupported_file_id")
-        assert ref.image_url is not None
-        try:
-            return self.state.fetch_policy.source(ref.image_url)
-        except FetchRefused as e:
-            raise ServiceError(400, f"{param}.image_url: {e}", param=f"{param}.image_url",
-                               code="invalid_image_url") from None
 
     async def create(self, body: ImageEditRequest | ImageVariationRequest,
                      image: ImageSource, mask: ImageSource | None = None,
@@ -689,6 +671,31 @@ class ServingNative(ServingRequest):
 
 
 # ---- the checks a request meets, shared with `llamagen sample`'s Batch lines ----
+
+def edit_references(body: ImageEditJSONRequest, source: Callable[[str], T]
+                    ) -> tuple[T, T | None]:
+    """A JSON edit's image and mask, each `source(image_url)` (which raises FetchRefused
+    for a URL it will not read), checked without reading them; a 400 naming the field."""
+    if len(body.images) > 1:
+        raise ServiceError(400, f"images: {len(body.images)} images; an edit here "
+                           "completes one input image", param="images",
+                           code="invalid_value")
+
+    def reference(ref: ImageRef, param: str) -> T:
+        if ref.file_id is not None:
+            raise ServiceError(400, f"{param}.file_id: there is no Files API here; send "
+                               "the image as image_url (a data: URL)",
+                               param=f"{param}.file_id", code="unsupported_file_id")
+        assert ref.image_url is not None
+        try:
+            return source(ref.image_url)
+        except FetchRefused as e:
+            raise ServiceError(400, f"{param}.image_url: {e}", param=f"{param}.image_url",
+                               code="invalid_image_url") from None
+
+    return (reference(body.images[0], "images.0"),
+            None if body.mask is None else reference(body.mask, "mask"))
+
 
 def edit_rows(keep_rows: int | None, masked: bool, grid: int) -> int:
     """The token rows an edit keeps from the top: `keep_rows`, or half the grid (a mask's
